@@ -1,0 +1,25 @@
+"""amp_optax: Adversarial Model Perturbation (AMP) as an Optax transformation.
+
+Public API: :func:`amp` and :class:`AmpState`; the norm-ball helpers
+:func:`project_per_tensor`, :func:`project_global` and
+:func:`global_l2_norm`; the sharpness measures in
+:mod:`amp_optax.diagnostics`. The Flax helpers live in
+:mod:`amp_optax.flax_linen` and :mod:`amp_optax.flax_nnx` and are imported
+from there, so ``import amp_optax`` never needs Flax.
+"""
+
+from amp_optax._amp import AmpState
+from amp_optax._amp import amp
+from amp_optax._projection import global_l2_norm
+from amp_optax._projection import project_global
+from amp_optax._projection import project_per_tensor
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AmpState",
+    "amp",
+    "global_l2_norm",
+    "project_global",
+    "project_per_tensor",
+)

@@ -1,0 +1,320 @@
+"""Adversarial Model Perturbation (AMP) as an Optax gradient transformation."""
+
+from collections.abc import Callable
+import numbers
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amp_optax import _projection
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
+GradFn = Callable[[optax.Params, Any], optax.Updates]
+
+NORMS = ("per_tensor", "global")
+
+_GRAD_FN_HELP = (
+    "Pass the loss gradient as a keyword argument, e.g.\n"
+    "    loss, grads = jax.value_and_grad(loss_fn)(params, batch)\n"
+    "    updates, opt_state = tx.update(\n"
+    "        grads, opt_state, params,\n"
+    "        grad_fn=jax.grad(lambda p, _: loss_fn(p, batch)))\n"
+    "grad_fn(params, inner_step) must return gradients shaped like params."
+)
+
+
+class AmpState(NamedTuple):
+  """State of :func:`amp`: a step count and diagnostics of the last step.
+
+  Attributes:
+    count: number of updates done so far; schedules of ``epsilon`` and
+      ``inner_lr`` are evaluated at it.
+    delta_norm: global L2 norm of the final perturbation Delta_K.
+    clean_grad_norm: global L2 norm of the incoming (clean) gradient.
+    perturbed_grad_norm: global L2 norm of the returned gradient at
+      ``params + Delta_K``.
+  """
+
+  count: jax.Array
+  delta_norm: jax.Array
+  clean_grad_norm: jax.Array
+  perturbed_grad_norm: jax.Array
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+  """Rejects a negative concrete scalar; schedules and tracers pass through."""
+  if callable(value):
+    return
+  if isinstance(value, jax.core.Tracer):
+    return  # e.g. a hyper-parameter injected by optax.inject_hyperparams.
+  try:
+    number = float(np.asarray(value))
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"amp(): `{name}` must be a non-negative float or an optax schedule "
+        f"(a function of the step count); got {value!r}."
+    ) from e
+  if not number >= 0:  # also rejects NaN
+    raise ValueError(
+        f"amp(): `{name}` must be >= 0, got {number}. AMP ascends the loss, so "
+        f"`{name}` is a size, not a signed step."
+    )
+
+
+def _check_inner_steps(inner_steps: Any) -> int:
+  if isinstance(inner_steps, (bool, np.bool_)) or not isinstance(
+      inner_steps, numbers.Integral):
+    hint = ""
+    if isinstance(inner_steps, (jax.Array, np.ndarray)):
+      hint = (" Under optax.inject_hyperparams, mark it static: "
+              "inject_hyperparams(amp, static_args=('inner_steps',)).")
+    raise TypeError(
+        "amp(): `inner_steps` must be a Python int >= 0 (the number K of "
+        f"ascent steps, fixed at trace time); got {inner_steps!r}." + hint)
+  if inner_steps < 0:
+    raise ValueError(
+        f"amp(): `inner_steps` must be >= 0, got {inner_steps}. Use 0 to "
+        "switch AMP off (the base optimiser's update, unchanged).")
+  return int(inner_steps)
+
+
+def _value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
+  return value(count) if callable(value) else value
+
+
+def _perturbable(leaf: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _inexact_norm(leaves: list[Any]) -> jax.Array:
+  norm = _projection.global_l2_norm([x for x in leaves if _perturbable(x)])
+  return norm.astype(jnp.float32)
+
+
+def _mask_leaves(mask: MaskOrFn, params: Any) -> list[bool]:
+  """Resolves ``mask`` to one Python bool per leaf of ``params``."""
+  leaves, treedef = jax.tree.flatten(params)
+  if mask is None:
+    return [True] * len(leaves)
+  if callable(mask):
+    mask = mask(params)
+  try:
+    # A mask leaf may stand for a whole subtree (an optax-style prefix mask).
+    full = jax.tree.map(
+        lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "amp(): `mask` must have the structure of params (or a prefix of it),"
+        " with a bool for each leaf. Build it from the params, e.g.\n"
+        "    mask = jax.tree.map(lambda p: p.ndim > 1, params)\n"
+        f"or pass a function of params.\nmask structure:   "
+        f"{jax.tree.structure(mask)}\nparams structure: {treedef}") from e
+  out = []
+  for m in jax.tree.leaves(full):
+    try:
+      out.append(bool(m))
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+      raise TypeError(
+          "amp(): `mask` leaves must be Python bools (or concrete bool "
+          f"arrays), known at trace time; got {m!r}.") from e
+  if len(out) != len(leaves):
+    raise ValueError(
+        f"amp(): `mask` gives {len(out)} bools for {len(leaves)} params "
+        "leaves; give one bool per parameter array.")
+  return out
+
+
+def _check_same_structure(what: str, tree: Any, params: Any, fix: str) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError(
+        f"amp(): {what} does not have the structure of params. {fix}\n"
+        f"{what}: {jax.tree.structure(tree)}\n"
+        f"params: {jax.tree.structure(params)}")
+
+
+def amp(
+    epsilon: ScalarOrSchedule,
+    inner_lr: ScalarOrSchedule = 1.0,
+    inner_steps: int = 1,
+    norm: str = "per_tensor",
+    mask: MaskOrFn = None,
+    batch_axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adversarial Model Perturbation: gradient at the worst point of a ball.
+
+  AMP minimises the AMP loss :math:`\max_{\|\Delta\| \le \epsilon}
+  L(\theta + \Delta)` instead of :math:`L(\theta)`. Each update approximates
+  the inner maximisation by ``K = inner_steps`` steps of projected gradient
+  ascent started from :math:`\Delta = 0`,
+
+  .. math::
+    \Delta \leftarrow \Pi_\epsilon(\Delta + \eta\, g), \qquad
+    g \leftarrow \nabla L(\theta + \Delta),
+
+  where the first :math:`g` is the clean gradient passed in as ``updates`` (no
+  extra pass), and replaces ``updates`` with :math:`\nabla L(\theta +
+  \Delta_K)`. A step therefore costs ``1 + K`` gradient evaluations, ``K`` of
+  them through ``grad_fn``.
+
+  Put ``amp`` first in an :func:`optax.chain`: later transforms (weight
+  decay, momentum, learning-rate schedules) see the unperturbed parameters
+  and the adversarial gradient.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, amp_optax
+    >>> def loss_fn(params, x):
+    ...   return jnp.sum((params["w"] * x - 1.0) ** 2)
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> x = jnp.array([1.0, 0.5])
+    >>> tx = optax.chain(amp_optax.amp(epsilon=0.5), optax.sgd(0.1))
+    >>> opt_state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, x)
+    >>> updates, opt_state = tx.update(
+    ...     grads, opt_state, params,
+    ...     grad_fn=jax.grad(lambda p, _: loss_fn(p, x)))
+    >>> params = optax.apply_updates(params, updates)
+
+  Args:
+    epsilon: radius of the perturbation ball, a float >= 0 or an optax
+      schedule of the step count. With ``norm="per_tensor"`` the authors'
+      CIFAR value is 0.5.
+    inner_lr: step size of the inner ascent, a float >= 0 or a schedule.
+    inner_steps: number ``K`` of ascent steps, a Python int >= 0. ``K = 0``
+      returns ``updates`` untouched and never calls ``grad_fn``. ``K > 1``
+      runs in a :func:`jax.lax.fori_loop`, so compile time does not grow
+      with ``K``.
+    norm: ``"per_tensor"`` bounds the L2 norm of each parameter array's
+      perturbation by ``epsilon`` (what the authors' code does, and what their
+      published ``epsilon`` assumes); ``"global"`` bounds the L2 norm over all
+      perturbed parameters (the paper's formula).
+    mask: which parameters to perturb: a pytree of bools with the structure
+      of the params (or a prefix of it), or a function of the params
+      returning one. Unmasked parameters keep ``Delta = 0`` and do not count
+      towards the global norm. Non-floating leaves are never perturbed.
+    batch_axis_name: under :func:`jax.pmap` or :func:`jax.shard_map` with
+      per-device batches, the axis over which the gradients returned by
+      ``grad_fn`` are averaged (:func:`jax.lax.pmean`) so that all devices
+      share one ``Delta``, as on a single device. The incoming ``updates``
+      are taken as already averaged. Under :func:`jax.jit` with sharded
+      arrays leave it ``None``: gradients are global already. In a
+      ``shard_map`` with ``check_vma=True``, gradients of replicated
+      parameters come out already summed over the axis; averaging them again
+      here is wrong, so either divide your loss by the axis size and leave
+      this ``None``, or compute gradients of per-device losses.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
+    ``(updates, state, params, *, grad_fn, **extra_args)``: ``updates`` is
+    the clean gradient at ``params`` and ``grad_fn(params, inner_step)``
+    returns the gradient at other parameters, with the signature of the
+    ``grad_fn`` of ``optax.contrib.sam(..., opaque_mode=True)``.
+    ``inner_step`` counts ascent steps from 0: a Python int when ``K == 1``,
+    a traced int32 inside the loop when ``K > 1``. Other keyword arguments
+    are accepted and ignored.
+
+  References:
+    Zheng, Zhang and Mao, `Regularizing Neural Networks via Adversarial Model
+    Perturbation <https://arxiv.org/abs/2010.04925>`_, CVPR 2021.
+  """
+  _check_non_negative("epsilon", epsilon)
+  _check_non_negative("inner_lr", inner_lr)
+  num_steps = _check_inner_steps(inner_steps)
+  if norm not in NORMS:
+    raise ValueError(
+        f"amp(): `norm` must be one of {NORMS}, got {norm!r}. "
+        "'per_tensor' bounds each parameter array (the authors' code); "
+        "'global' bounds all parameters together (the paper's formula).")
+  if mask is not None and not callable(mask):
+    jax.tree.leaves(mask)  # a malformed mask fails here, not mid-training.
+  project = (_projection.project_per_tensor if norm == "per_tensor"
+             else _projection.project_global)
+
+  def init_fn(params: optax.Params) -> AmpState:
+    _mask_leaves(mask, params)  # structure errors at init, not at step 1.
+    zero = jnp.zeros((), jnp.float32)
+    return AmpState(count=jnp.zeros((), jnp.int32), delta_norm=zero,
+                    clean_grad_norm=zero, perturbed_grad_norm=zero)
+
+  def update_fn(
+      updates: optax.Updates,
+      state: AmpState,
+      params: Optional[optax.Params] = None,
+      *,
+      grad_fn: Optional[GradFn] = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, AmpState]:
+    del extra_args
+    count = optax.safe_increment(state.count)
+    if num_steps == 0:
+      return updates, state._replace(count=count)
+    if grad_fn is None:
+      raise ValueError(
+          "amp(): update() needs `grad_fn`, the gradient of the loss at other "
+          "parameters.\n" + _GRAD_FN_HELP)
+    if params is None:
+      raise ValueError(
+          "amp(): update() needs `params` (the point the ascent starts "
+          "from): tx.update(grads, opt_state, params, grad_fn=...).")
+    _check_same_structure(
+        "updates", updates, params,
+        "Pass the gradient of the loss w.r.t. exactly these params.")
+
+    eps = _value_at(epsilon, state.count)
+    lr = _value_at(inner_lr, state.count)
+
+    param_leaves, treedef = jax.tree.flatten(params)
+    update_leaves = treedef.flatten_up_to(updates)
+    chosen = [m and _perturbable(p)
+              for m, p in zip(_mask_leaves(mask, params), param_leaves)]
+    idx = [i for i, c in enumerate(chosen) if c]
+
+    def ascend(delta, grad_leaves):
+      stepped = [d + (lr * grad_leaves[i]).astype(d.dtype)
+                 for d, i in zip(delta, idx)]
+      return project(stepped, eps)
+
+    def perturbed_grad(delta, step):
+      leaves = list(param_leaves)
+      for d, i in zip(delta, idx):
+        leaves[i] = leaves[i] + d
+      grads = grad_fn(jax.tree.unflatten(treedef, leaves), step)
+      _check_same_structure(
+          "grad_fn's output", grads, params,
+          "grad_fn(params, inner_step) must return gradients w.r.t. its "
+          "first argument, e.g. jax.grad(lambda p, _: loss_fn(p, batch)).")
+      if batch_axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
+      return treedef.flatten_up_to(grads)
+
+    def keep_dtypes(new, old):
+      # A loop carry must keep its dtypes, whatever grad_fn returns.
+      return [n.astype(o.dtype) if _perturbable(o) else n
+              for n, o in zip(new, old)]
+
+    def body(step, carry):
+      delta, grad_leaves = carry
+      delta = ascend(delta, grad_leaves)
+      return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
+
+    delta0 = [jnp.zeros_like(param_leaves[i]) for i in idx]
+    first = [jnp.asarray(u) for u in update_leaves]
+    if num_steps == 1:
+      delta, grad_leaves = body(0, (delta0, first))
+    else:
+      delta, grad_leaves = jax.lax.fori_loop(
+          0, num_steps, body, (delta0, first))
+
+    new_updates = jax.tree.unflatten(treedef, grad_leaves)
+    new_state = AmpState(
+        count=count,
+        delta_norm=_projection.global_l2_norm(delta).astype(jnp.float32),
+        clean_grad_norm=_inexact_norm(update_leaves),
+        perturbed_grad_norm=_inexact_norm(grad_leaves),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
