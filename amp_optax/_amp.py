@@ -2,7 +2,9 @@
 
 from collections.abc import Callable
 import numbers
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any
+from typing import NamedTuple
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +144,7 @@ def amp(
     inner_steps: int = 1,
     norm: str = "per_tensor",
     mask: MaskOrFn = None,
-    batch_axis_name: Optional[str] = None,
+    batch_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adversarial Model Perturbation: gradient at the worst point of a ball.
 
@@ -242,9 +244,9 @@ def amp(
   def update_fn(
       updates: optax.Updates,
       state: AmpState,
-      params: Optional[optax.Params] = None,
+      params: optax.Params | None = None,
       *,
-      grad_fn: Optional[GradFn] = None,
+      grad_fn: GradFn | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, AmpState]:
     del extra_args

@@ -1,0 +1,486 @@
+"""Properties, errors and composition of amp_optax.amp."""
+
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import amp_optax
+
+
+def mlp_params(seed=0, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return {
+      "dense": {"kernel": jax.random.normal(k1, (5, 7), dtype), "bias": jnp.zeros((7,), dtype)},
+      "out": {"kernel": jax.random.normal(k2, (7, 2), dtype), "bias": 0.1 * jnp.ones((2,), dtype)},
+      "scale": jax.random.normal(k3, (), dtype),
+  }
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["dense"]["kernel"] + params["dense"]["bias"])
+  out = params["scale"] * (h @ params["out"]["kernel"]) + params["out"]["bias"]
+  return jnp.mean((out - y) ** 2)
+
+
+def make_batch(seed=1, n=8, dtype=jnp.float32):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (n, 5), dtype), jax.random.normal(ky, (n, 2), dtype)
+
+
+def zero_params(dtype=jnp.float32):
+  """Params at the origin, so that theta + Delta == Delta exactly."""
+  return jax.tree.map(jnp.zeros_like, mlp_params(dtype=dtype))
+
+
+def delta_probe(params):
+  """A grad_fn returning the perturbation it is called at: p - params.
+
+  Exact when params are zero; elsewhere p - params has rounding error.
+  """
+  return lambda p, _: jax.tree.map(lambda a, b: a - b, p, params)
+
+
+def leaf_norms(tree):
+  return [float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+
+
+# ------------------------------------------------------------- the ascent
+
+
+@pytest.mark.parametrize("k_steps", [1, 2, 5])
+@pytest.mark.parametrize("eps", [1e-3, 0.3, 10.0])
+def test_delta_stays_in_per_tensor_ball(k_steps, eps):
+  params = zero_params()
+  grads = jax.tree.map(lambda p: 3.0 * jnp.ones_like(p), params)
+  tx = amp_optax.amp(eps, inner_lr=2.0, inner_steps=k_steps, norm="per_tensor")
+  delta, state = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+  for n in leaf_norms(delta):
+    assert n <= eps * (1 + 1e-5)
+  assert float(state.delta_norm) == pytest.approx(float(amp_optax.global_l2_norm(delta)), rel=1e-5)
+
+
+@pytest.mark.parametrize("k_steps", [1, 2, 5])
+@pytest.mark.parametrize("eps", [1e-3, 0.3, 10.0])
+def test_delta_stays_in_global_ball(k_steps, eps):
+  params = zero_params()
+  grads = jax.tree.map(lambda p: 3.0 * jnp.ones_like(p), params)
+  tx = amp_optax.amp(eps, inner_lr=2.0, inner_steps=k_steps, norm="global")
+  delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+  assert float(amp_optax.global_l2_norm(delta)) <= eps * (1 + 1e-5)
+
+
+def test_small_ball_is_reached_and_direction_kept():
+  grads = jax.grad(mlp_loss)(mlp_params(), make_batch())
+  params = zero_params()
+  eps = 1e-3
+  for norm in ("per_tensor", "global"):
+    tx = amp_optax.amp(eps, norm=norm)
+    delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+    if norm == "per_tensor":
+      np.testing.assert_allclose(leaf_norms(delta), eps, rtol=1e-5)
+      want = jax.tree.map(lambda g: eps * g / jnp.linalg.norm(jnp.ravel(g)), grads)
+    else:
+      assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(eps, rel=1e-5)
+      want = jax.tree.map(lambda g: eps * g / amp_optax.global_l2_norm(grads), grads)
+    chex.assert_trees_all_close(delta, want, rtol=1e-5, atol=1e-9)
+
+
+def test_large_epsilon_one_step_is_gradient_at_shifted_point():
+  params, batch = mlp_params(), make_batch()
+  grads = jax.grad(mlp_loss)(params, batch)
+  inner_lr = 0.05
+  tx = amp_optax.amp(1e6, inner_lr=inner_lr, inner_steps=1)
+  grad_fn = jax.grad(lambda p, _: mlp_loss(p, batch))
+  got, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  shifted = jax.tree.map(lambda p, g: p + inner_lr * g, params, grads)
+  chex.assert_trees_all_close(got, jax.grad(mlp_loss)(shifted, batch), rtol=1e-6)
+
+
+def test_second_step_continues_from_first():
+  """K=2 with a huge ball: Delta_2 = lr*g0 + lr*g(theta + lr*g0)."""
+  params, batch = mlp_params(), make_batch()
+  grads = jax.grad(mlp_loss)(params, batch)
+  lr = 0.05
+  tx = amp_optax.amp(1e6, inner_lr=lr, inner_steps=2)
+  grad_fn = jax.grad(lambda p, _: mlp_loss(p, batch))
+  got, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  p1 = jax.tree.map(lambda p, g: p + lr * g, params, grads)
+  g1 = jax.grad(mlp_loss)(p1, batch)
+  p2 = jax.tree.map(lambda p, a, b: p + lr * a + lr * b, params, grads, g1)
+  chex.assert_trees_all_close(got, jax.grad(mlp_loss)(p2, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_gradient_gives_zero_delta_and_no_nan():
+  params = mlp_params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for norm in ("per_tensor", "global"):
+    for eps in (0.0, 0.5):
+      tx = amp_optax.amp(eps, norm=norm, inner_steps=2)
+      update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, grad_fn=delta_probe(params)))
+      delta, state = update(zeros, tx.init(params), params)
+      chex.assert_tree_all_finite((delta, state))
+      chex.assert_trees_all_equal(delta, zeros)
+      assert float(state.delta_norm) == 0.0
+
+
+@pytest.mark.parametrize("k_steps", [1, 3])
+def test_grad_fn_called_k_times_with_inner_step(k_steps):
+  params, batch = mlp_params(), make_batch()
+  calls = []
+
+  def grad_fn(p, inner_step):
+    calls.append(int(inner_step))
+    return jax.grad(mlp_loss)(p, batch)
+
+  tx = amp_optax.amp(0.1, inner_steps=k_steps)
+  with jax.disable_jit():  # so that the fori_loop body runs once per step
+    tx.update(jax.grad(mlp_loss)(params, batch), tx.init(params), params, grad_fn=grad_fn)
+  assert calls == list(range(k_steps))
+
+
+def test_mask_leaves_unperturbed():
+  params = zero_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  mask = jax.tree.map(lambda p: p.ndim == 2, params)  # kernels only
+  for m in (mask, lambda p: jax.tree.map(lambda x: x.ndim == 2, p)):
+    tx = amp_optax.amp(0.5, mask=m, norm="global")
+    delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+    assert float(jnp.abs(delta["dense"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(delta["out"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(delta["scale"])) == 0.0
+    assert float(jnp.abs(delta["dense"]["kernel"]).min()) > 0.0
+    # Unmasked leaves do not take a share of the global ball.
+    assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_prefix_mask():
+  params = zero_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = amp_optax.amp(0.5, mask={"dense": True, "out": False, "scale": False})
+  delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+  assert float(jnp.abs(delta["out"]["kernel"]).max()) == 0.0
+  assert float(jnp.abs(delta["dense"]["kernel"]).min()) > 0.0
+
+
+def test_non_float_leaves_left_alone():
+  params = {"w": jnp.ones((3,)), "step": jnp.array(7, jnp.int32)}
+  seen = []
+
+  def grad_fn(p, _):
+    seen.append(p["step"])
+    return {"w": 2.0 * p["w"], "step": jnp.zeros((), jnp.int32)}
+
+  grads = {"w": jnp.ones((3,)), "step": jnp.zeros((), jnp.int32)}
+  tx = amp_optax.amp(0.5, norm="global")
+  out, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  assert int(seen[0]) == 7 and seen[0].dtype == jnp.int32
+  assert out["step"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params(dtype):
+  grads = jax.grad(mlp_loss)(mlp_params(dtype=dtype), make_batch(dtype=dtype))
+  params = zero_params(dtype)
+  for norm in ("per_tensor", "global"):
+    tx = amp_optax.amp(0.5, norm=norm, inner_steps=2)
+    update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, grad_fn=delta_probe(params)))
+    delta, state = update(grads, tx.init(params), params)
+    for d in jax.tree.leaves(delta):
+      assert d.dtype == dtype
+    chex.assert_tree_all_finite(delta)
+    assert state.delta_norm.dtype == jnp.float32
+    assert 0.0 < float(state.delta_norm) <= 0.5 * (np.sqrt(5) if norm == "per_tensor" else 1) * 1.01
+
+
+def test_fp16_large_gradient_norm_does_not_overflow():
+  """The sum of squares of 1e3 fp16 entries of 300 overflows fp16 (max 65504)."""
+  params = {"w": jnp.zeros((1000,), jnp.float16)}
+  grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
+  tx = amp_optax.amp(1.0)
+  delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+  assert float(jnp.linalg.norm(delta["w"].astype(jnp.float32))) == pytest.approx(1.0, rel=1e-2)
+
+
+# ------------------------------------------------------------- identities
+
+
+def erm_and_amp_updates(amp_tx, base, steps=4, grad_fn_factory=None):
+  """Runs ``base`` alone and ``chain(amp_tx, base)`` on the same batches."""
+  params, erm_params = mlp_params(), mlp_params()
+  tx = optax.chain(amp_tx, base)
+  state, erm_state = tx.init(params), base.init(params)
+  for i in range(steps):
+    batch = make_batch(seed=10 + i)
+    grads = jax.grad(mlp_loss)(params, batch)
+    gf = (grad_fn_factory or (lambda b: jax.grad(lambda p, _: mlp_loss(p, b))))(batch)
+    updates, state = tx.update(grads, state, params, grad_fn=gf)
+    params = optax.apply_updates(params, updates)
+    erm_grads = jax.grad(mlp_loss)(erm_params, batch)
+    erm_updates, erm_state = base.update(erm_grads, erm_state, erm_params)
+    erm_params = optax.apply_updates(erm_params, erm_updates)
+  return params, erm_params
+
+
+def base_optimizer():
+  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+
+def test_zero_steps_is_base_optimizer_to_the_bit_and_never_calls_grad_fn():
+  def forbidden(p, k):
+    raise AssertionError("grad_fn must not be called with inner_steps=0")
+
+  params, erm_params = erm_and_amp_updates(
+      amp_optax.amp(0.5, inner_steps=0), base_optimizer(),
+      grad_fn_factory=lambda b: forbidden)
+  chex.assert_trees_all_equal(params, erm_params)
+
+
+def test_zero_steps_needs_no_grad_fn():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5, inner_steps=0)
+  grads = jax.grad(mlp_loss)(params, make_batch())
+  out, _ = tx.update(grads, tx.init(params), params)
+  chex.assert_trees_all_equal(out, grads)
+
+
+def test_zero_epsilon_is_base_optimizer_up_to_rounding():
+  params, erm_params = erm_and_amp_updates(amp_optax.amp(0.0, inner_steps=2), base_optimizer())
+  chex.assert_trees_all_close(params, erm_params, rtol=1e-5, atol=1e-6)
+
+
+def test_amp_changes_the_trajectory():
+  params, erm_params = erm_and_amp_updates(amp_optax.amp(0.5), base_optimizer())
+  diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), params, erm_params)
+  assert max(float(d) for d in jax.tree.leaves(diff)) > 1e-3
+
+
+# ------------------------------------------------------------- composition
+
+
+def test_chain_accepts_and_ignores_unknown_extra_args():
+  params, batch = mlp_params(), make_batch()
+  tx = optax.chain(amp_optax.amp(0.5), optax.add_decayed_weights(1e-4), optax.sgd(0.1))
+  state = tx.init(params)
+  loss, grads = jax.value_and_grad(mlp_loss)(params, batch)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+  with_extra, _ = tx.update(grads, state, params, grad_fn=gf, value=loss, some_flag=True)
+  without, _ = tx.update(grads, state, params, grad_fn=gf)
+  chex.assert_trees_all_equal(with_extra, without)
+
+
+def test_same_train_step_runs_with_optax_sam():
+  """A train step written for optax.contrib.sam(opaque_mode=True) runs with amp."""
+  params, batch = mlp_params(), make_batch()
+
+  def make_step(tx):
+    @jax.jit
+    def step(params, state):
+      grads = jax.grad(mlp_loss)(params, batch)
+      updates, state = tx.update(grads, state, params,
+                                 grad_fn=jax.grad(lambda p, _: mlp_loss(p, batch)))
+      return optax.apply_updates(params, updates), state
+    return step
+
+  sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2, opaque_mode=True)
+  amp = optax.chain(amp_optax.amp(1e6, inner_lr=0.05), optax.sgd(0.1))
+  p_sam, _ = make_step(sam)(params, sam.init(params))
+  p_amp, _ = make_step(amp)(params, amp.init(params))
+  # With an unbounded ball and an un-normalised adversary both take the same
+  # ascent step theta + 0.05 g, so they agree.
+  chex.assert_trees_all_close(p_sam, p_amp, rtol=1e-6)
+
+
+def test_multisteps():
+  params = mlp_params()
+  every = 3
+  tx = optax.MultiSteps(optax.chain(amp_optax.amp(0.5), optax.sgd(0.1)), every_k_schedule=every)
+  state = tx.init(params)
+
+  def step(params, state, batch):
+    grads = jax.grad(mlp_loss)(params, batch)
+    grad_fn = jax.grad(lambda p, _: mlp_loss(p, batch))
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step)
+  p = params
+  for i in range(every):
+    p, state = step(p, state, make_batch(seed=i))
+    if i < every - 1:
+      chex.assert_trees_all_equal(p, params)  # accumulating only
+  diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), p, params)
+  assert max(float(d) for d in jax.tree.leaves(diff)) > 0
+  assert int(state.inner_opt_state[0].count) == 1
+
+
+def test_inject_hyperparams_changes_epsilon_between_steps():
+  params = zero_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps", "norm"))(
+      epsilon=0.5, inner_steps=1, norm="global")
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=delta_probe(params)))
+  delta, state = update(grads, state, params)
+  assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(0.5, rel=1e-5)
+  state.hyperparams["epsilon"] = jnp.full_like(state.hyperparams["epsilon"], 0.125)
+  delta, state = update(grads, state, params)
+  assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(0.125, rel=1e-5)
+  assert update._cache_size() == 1
+
+
+def test_inject_hyperparams_without_static_inner_steps_says_what_to_do():
+  params = mlp_params()
+  tx = optax.inject_hyperparams(amp_optax.amp)(epsilon=0.5, inner_steps=1)
+  with pytest.raises(TypeError, match="static_args"):
+    state = tx.init(params)
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params,
+              grad_fn=delta_probe(params))
+
+
+def test_schedules_are_evaluated_at_the_step_count():
+  params = zero_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  eps_schedule = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+  lr_schedule = lambda count: 1.0 + count  # noqa: E731
+  tx = amp_optax.amp(eps_schedule, inner_lr=lr_schedule, norm="global")
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=delta_probe(params)))
+  for i in range(5):
+    delta, state = update(grads, state, params)
+    assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(
+        min(i / 4, 1.0), rel=1e-5, abs=1e-7)
+  assert int(state.count) == 5
+  # A ball large enough not to bind shows inner_lr's schedule: Delta = lr * g.
+  tx = amp_optax.amp(1e6, inner_lr=lr_schedule)
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=delta_probe(params)))
+  for i in range(3):
+    delta, state = update(grads, state, params)
+    chex.assert_trees_all_close(delta, jax.tree.map(lambda g, i=i: (1.0 + i) * g, grads))
+
+
+def test_no_recompilation_across_steps():
+  params = mlp_params()
+  tx = optax.chain(amp_optax.amp(optax.cosine_decay_schedule(0.5, 10), inner_steps=3),
+                   optax.sgd(optax.cosine_decay_schedule(0.1, 10), momentum=0.9))
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    grads = jax.grad(mlp_loss)(params, batch)
+    updates, state = tx.update(grads, state, params,
+                               grad_fn=jax.grad(lambda p, _: mlp_loss(p, batch)))
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for i in range(6):
+    params, state = step(params, state, make_batch(seed=i))
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+
+def test_compiled_program_size_does_not_grow_with_k():
+  """K > 1 is one lax loop: the HLO for K=8 is no bigger than for K=2."""
+  params, batch = mlp_params(), make_batch()
+  grads = jax.grad(mlp_loss)(params, batch)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+
+  def hlo_len(k):
+    tx = amp_optax.amp(0.5, inner_steps=k)
+    f = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=gf))
+    return len(f.lower(grads, tx.init(params), params).as_text())
+
+  assert hlo_len(8) == hlo_len(2)
+
+
+def test_state_is_a_namedtuple_of_scalars():
+  params = mlp_params()
+  state = amp_optax.amp(0.5).init(params)
+  assert isinstance(state, amp_optax.AmpState)
+  assert state._fields[0] == "count"
+  for leaf in state:
+    assert leaf.shape == ()
+
+
+def test_diagnostics_in_state():
+  params, batch = mlp_params(), make_batch()
+  grads = jax.grad(mlp_loss)(params, batch)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+  tx = amp_optax.amp(0.05, norm="global")
+  out, state = tx.update(grads, tx.init(params), params, grad_fn=gf)
+  assert float(state.delta_norm) == pytest.approx(0.05, rel=1e-5)
+  assert float(state.clean_grad_norm) == pytest.approx(float(amp_optax.global_l2_norm(grads)),
+                                                       rel=1e-6)
+  assert float(state.perturbed_grad_norm) == pytest.approx(float(amp_optax.global_l2_norm(out)),
+                                                           rel=1e-6)
+
+
+# ------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(epsilon=-0.1), ValueError, "epsilon"),
+        (dict(epsilon=float("nan")), ValueError, "epsilon"),
+        (dict(epsilon="big"), TypeError, "epsilon"),
+        (dict(epsilon=0.5, inner_lr=-1.0), ValueError, "inner_lr"),
+        (dict(epsilon=0.5, inner_steps=1.5), TypeError, "inner_steps"),
+        (dict(epsilon=0.5, inner_steps=True), TypeError, "inner_steps"),
+        (dict(epsilon=0.5, inner_steps=-1), ValueError, "inner_steps"),
+        (dict(epsilon=0.5, norm="l2"), ValueError, "per_tensor"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(kwargs, error, words):
+  with pytest.raises(error, match=words):
+    amp_optax.amp(**kwargs)
+
+
+def test_mismatched_mask_fails_at_init():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5, mask={"dense": True, "other": False})
+  with pytest.raises(ValueError, match="mask"):
+    tx.init(params)
+
+
+def test_missing_grad_fn_shows_the_call():
+  params = mlp_params()
+  tx = optax.chain(amp_optax.amp(0.5), optax.sgd(0.1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"grad_fn=jax\.grad\(lambda p, _: loss_fn\(p, batch\)\)"):
+    tx.update(grads, tx.init(params), params)
+
+
+def test_missing_params_says_so():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, tx.init(params), None, grad_fn=delta_probe(params))
+
+
+def test_grad_fn_with_wrong_tree_says_how_to_fix():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5)
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match="grad_fn"):
+    tx.update(grads, tx.init(params), params, grad_fn=lambda p, _: p["dense"])
+
+
+def test_updates_with_wrong_tree_says_so():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(ValueError, match="updates"):
+    tx.update(params["dense"], tx.init(params), params, grad_fn=delta_probe(params))
+
+
+def test_import_does_not_import_flax():
+  code = "import amp_optax, sys; assert 'flax' not in sys.modules, 'flax imported'"
+  subprocess.run([sys.executable, "-c", code], check=True)
