@@ -51,10 +51,10 @@ def _check_non_negative(name: str, value: Any) -> None:
   """Rejects a negative concrete scalar; schedules and tracers pass through."""
   if callable(value):
     return
-  if isinstance(value, jax.core.Tracer):
-    return  # e.g. a hyper-parameter injected by optax.inject_hyperparams.
   try:
     number = float(np.asarray(value))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced, e.g. a hyper-parameter injected by optax.inject_hyperparams.
   except (TypeError, ValueError) as e:
     raise TypeError(
         f"amp(): `{name}` must be a non-negative float or an optax schedule "
