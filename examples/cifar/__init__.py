@@ -1,0 +1,1 @@
+"""CIFAR-10/100 example: models, a safe data loader with on-device augmentation, training."""
