@@ -210,9 +210,11 @@ def test_eight_devices_match_one(straight_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
       assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
-  # 16 steps at learning rate 0.1 amplify rounding differences; compare to each array's scale.
+  # 16 steps at learning rate 0.1 amplify rounding differences (the 8-way reduction sums in
+  # another order; seen up to 0.5 % on one element with jax 0.12), so compare to each array's
+  # scale. A semantic difference (per-device Delta, unaveraged gradients) is far larger.
   close = lambda x, y: np.testing.assert_allclose(
-      x, y, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(y))))
+      x, y, rtol=1e-2, atol=3e-3 * float(np.max(np.abs(y))))
   jax.tree.map(close, sharded.params, straight_run.params)
   jax.tree.map(close, sharded.batch_stats, straight_run.batch_stats)
 
