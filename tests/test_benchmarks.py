@@ -1,0 +1,164 @@
+"""Smoke tests of benchmarks/step_time.py and benchmarks/reproduce.py, and of the PyTorch AMP
+step the step-time benchmark compares against.
+
+The scripts run in subprocesses, as from the command line (no timing is asserted); their JSON
+must hold the expected rows with finite, positive numbers.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import amp_optax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_PY = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar-10-jpeg", "build.py")
+
+
+def _run_module(module: str, *args: str, timeout: int = 300) -> str:
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr}"
+  return proc.stdout
+
+
+def _finite_positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_step_time_smoke(tmp_path):
+  out_path = tmp_path / "step_time.json"
+  stdout = _run_module("benchmarks.step_time", "--smoke", "--out", str(out_path))
+  assert "ms/step" in stdout and "compile time" in stdout
+  out = json.loads(out_path.read_text())
+  names = [(r["framework"], r["name"]) for r in out["rows"]]
+  expected = [("jax", "ERM"), ("jax", "AMP K=1 per_tensor"), ("jax", "AMP K=2 per_tensor"),
+              ("jax", "AMP K=1 global"), ("jax", "AMP K=2 global"),
+              ("jax", "SAM opaque (optax.contrib)")]
+  assert names[:len(expected)] == expected
+  if importlib.util.find_spec("torch") is not None:
+    assert names[len(expected):] == [("torch", "ERM"), ("torch", "AMP K=1 per_tensor"),
+                                     ("torch", "AMP K=2 per_tensor")]
+  for r in out["rows"]:
+    for k in ("ms_median", "ms_p10", "ms_p90", "ratio_vs_erm", "ratio_vs_jax_erm"):
+      assert _finite_positive(r[k]), (r["name"], k, r[k])
+    assert math.isfinite(r["final_loss"])
+  assert out["rows"][0]["ratio_vs_erm"] == 1.0
+  assert [r["grad_evals"] for r in out["rows"][:6]] == [1, 2, 3, 2, 3, 2]
+  assert _finite_positive(out["param_bytes"])
+  assert [m["name"] for m in out["memory"]] == [n for _, n in expected]
+  for m in out["memory"]:
+    if m["stats"] is not None:  # CPU reports buffer sizes; other backends may not.
+      assert _finite_positive(m["stats"]["footprint_bytes"])
+      assert math.isfinite(m["extra_footprint_param_units"])
+  assert [c["inner_steps"] for c in out["compile"]] == [0, 1, 2]
+  for c in out["compile"]:
+    assert _finite_positive(c["compile_s"]) and _finite_positive(c["trace_lower_s"])
+
+
+POSITIVE = ("final_test_acc", "best_epoch_test_acc", "final_train_loss")
+# Far from a minimum (one tiny epoch) a random perturbation may lower the loss, and the
+# dominant Hessian eigenvalue may be negative: these need only be finite.
+FINITE = ("hessian_top_eigenvalue", "perturbation_increase_mean")
+
+
+def _check_reproduce_json(out, labels, seeds):
+  assert [r["label"] for r in out["rows"]] == labels
+  for r in out["rows"]:
+    assert r["seeds"] == seeds
+    for k in POSITIVE + FINITE:
+      assert math.isfinite(r[k + "_mean"]), (r["label"], k, r[k + "_mean"])
+      assert math.isfinite(r[k + "_std"]) and r[k + "_std"] >= 0
+    for k in POSITIVE:
+      assert _finite_positive(r[k + "_mean"]), (r["label"], k, r[k + "_mean"])
+    assert r["hessian_top_eigenvalue_mean"] != 0
+    assert r["best_epoch_test_acc_mean"] >= r["final_test_acc_mean"]
+  for label in labels:
+    assert len(out["runs"][label]) == seeds
+    for run in out["runs"][label]:
+      assert 1 <= run["best_epoch"] <= len(run["history"])
+
+
+def test_reproduce_smoke(tmp_path):
+  out_path = tmp_path / "reproduce.json"
+  stdout = _run_module("benchmarks.reproduce", "--smoke", "--out", str(out_path))
+  assert "| setting |" in stdout
+  out = json.loads(out_path.read_text())
+  assert out["data"] == "synthetic CIFAR-shaped data"
+  _check_reproduce_json(out, ["ERM", "AMP eps=0.5 per_tensor K=1", "SAM rho=0.05"], seeds=2)
+  md = (tmp_path / "reproduce.md").read_text()
+  assert "best epoch" in md and "AMP eps=0.5" in md
+
+
+@pytest.mark.skipif(not os.path.exists(BUILD_PY), reason="../shared/data is not available")
+def test_reproduce_builds_real_cifar(tmp_path):
+  out_path = tmp_path / "real.json"
+  _run_module("benchmarks.reproduce", "--preset", "smoke", "--data", "build", "--sweep",
+              "--epsilons", "0.1", "--sweep-norms", "global", "--train-size", "64",
+              "--test-size", "32",
+              "--seeds", "1", "--out", str(out_path))
+  out = json.loads(out_path.read_text())
+  assert out["data"] == "CIFAR-10 (JPEG copy)"
+  _check_reproduce_json(out, ["ERM", "AMP eps=0.1 global K=1"], seeds=1)
+
+
+def _enable_x64():
+  if callable(getattr(jax, "enable_x64", None)):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # JAX < 0.7.
+
+  return enable_x64()
+
+
+@pytest.mark.parametrize("inner_steps", [0, 1, 3])
+def test_torch_amp_step_matches_amp_optax(inner_steps):
+  """The PyTorch step of the benchmark computes the same update as the optax chain."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_models
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 5))
+  y = rng.integers(0, 3, size=16)
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+  net = net.double()
+  w0 = [p.detach().numpy().copy() for p in net.parameters()]
+  hp = dict(lr=0.1, momentum=0.9, weight_decay=5e-3, nesterov=True, epsilon=0.05,
+            inner_lr=1.0, inner_steps=inner_steps)
+  step = torch_models.AmpSGD(net, **hp)
+  xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+  for _ in range(3):
+    step(xt, yt)
+  got = [p.detach().numpy() for p in net.parameters()]
+
+  with _enable_x64():
+    params = {"w1": jnp.asarray(w0[0].T), "b1": jnp.asarray(w0[1]),
+              "w2": jnp.asarray(w0[2].T), "b2": jnp.asarray(w0[3])}
+
+    def loss_fn(p):
+      logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    tx = optax.chain(
+        amp_optax.amp(hp["epsilon"], hp["inner_lr"], inner_steps),
+        optax.add_decayed_weights(hp["weight_decay"]),
+        optax.sgd(hp["lr"], momentum=hp["momentum"], nesterov=True))
+    state = tx.init(params)
+    for _ in range(3):
+      grads = jax.grad(loss_fn)(params)
+      updates, state = tx.update(grads, state, params, grad_fn=lambda p, _: jax.grad(loss_fn)(p))
+      params = optax.apply_updates(params, updates)
+    if inner_steps:
+      assert float(state[0].delta_norm) > 0
+    expected = [params["w1"].T, params["b1"], params["w2"].T, params["b2"]]
+    for g, e in zip(got, expected, strict=True):
+      np.testing.assert_allclose(g, np.asarray(e), rtol=1e-10, atol=1e-12)
