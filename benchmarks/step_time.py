@@ -58,6 +58,7 @@ class Variant:
   method: str  # "erm", "amp" or "sam"
   inner_steps: int = 0
   norm: str | None = None
+  unroll: bool = False  # amp(unroll=True): the K inner steps unrolled, no lax loop
 
   @property
   def grad_evals(self) -> int:
@@ -70,6 +71,8 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
   out = [Variant("ERM", "jax", "erm")]
   for norm in ("per_tensor", "global"):
     out += [Variant(f"AMP K={k} {norm}", "jax", "amp", k, norm) for k in inner_steps]
+  out += [Variant(f"AMP K={k} per_tensor unroll", "jax", "amp", k, "per_tensor", True)
+          for k in inner_steps if k > 1]
   out.append(Variant("SAM opaque (optax.contrib)", "jax", "sam"))
   if with_torch:
     out.append(Variant("ERM", "torch", "erm"))
@@ -86,7 +89,8 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
     return base
   if variant.method == "amp":
     return optax.chain(
-        amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm), base)
+        amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
+                      unroll=variant.unroll or None), base)
   adv = optax.chain(optax.contrib.normalize(), optax.sgd(hp.rho))
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
@@ -181,9 +185,9 @@ class TorchRunner:
 
 
 def compile_time(model: Any, variables: Any, x: jax.Array, y: jax.Array, k: int,
-                 hp: argparse.Namespace) -> dict[str, float]:
+                 hp: argparse.Namespace, unroll: bool = False) -> dict[str, float]:
   """Seconds to trace + lower and to compile a fresh AMP (per-tensor) step with K = k."""
-  variant = Variant(f"AMP K={k} per_tensor", "jax", "amp", k, "per_tensor")
+  variant = Variant(f"AMP K={k} per_tensor", "jax", "amp", k, "per_tensor", unroll)
   tx = make_optimizer(variant, hp)
   params = variables["params"]
   state = (params, variables["batch_stats"], tx.init(params))
@@ -193,8 +197,8 @@ def compile_time(model: Any, variables: Any, x: jax.Array, y: jax.Array, k: int,
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return {"inner_steps": k, "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
-          "memory": memory_stats(compiled)}
+  return {"inner_steps": k, "unroll": unroll, "trace_lower_s": t1 - t0,
+          "compile_s": t2 - t1, "memory": memory_stats(compiled)}
 
 
 def time_runners(runners: list[Any], iters: int, warmup: int, rounds: int,
@@ -286,7 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if jax.default_backend() == "cpu" and any(k > 1 for k in args.inner_steps):
     notes.append("CPU: AMP with K >= 2 runs its inner steps in a lax.fori_loop, and XLA:CPU "
                  "runs convolutions inside loops many times slower than outside them "
-                 "(https://github.com/jax-ml/jax/issues/12868); K = 1 has no loop.")
+                 "(https://github.com/jax-ml/jax/issues/12868); K = 1 has no loop, and the "
+                 "'unroll' rows (amp(..., unroll=True)) unroll the K steps.")
 
   results = []
   erm_ms = {}
@@ -326,9 +331,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   compile_rows = [{"method": "ERM", "inner_steps": 0, "trace_lower_s": runners[0].trace_lower_s,
                    "compile_s": runners[0].compile_s, "memory": erm_mem}]
-  for k in args.compile_steps:
-    compile_rows.append({"method": "AMP per_tensor", **compile_time(model, variables, x, y, k,
-                                                                    args)})
+  for unroll in (False, True):
+    for k in args.compile_steps:
+      name = "AMP per_tensor unroll" if unroll else "AMP per_tensor"
+      compile_rows.append({"method": name, **compile_time(model, variables, x, y, k, args,
+                                                           unroll)})
   for c in compile_rows:
     if c["memory"] is not None and erm_mem is not None:
       c["extra_footprint_param_units"] = (
@@ -396,12 +403,12 @@ def format_report(out: dict[str, Any]) -> str:
         f"{m.get('extra_footprint_param_units', float('nan')):>8.2f} "
         f"{m.get('extra_temp_param_units', float('nan')):>11.2f}")
   lines += ["", "compile time (fresh jit; s), and the memory of each program (extra vs ERM in "
-            "parameter bytes)", f"{'step':<20} {'K':>3} {'trace+lower':>12} {'compile':>9} "
+            "parameter bytes)", f"{'step':<22} {'K':>3} {'trace+lower':>12} {'compile':>9} "
             f"{'footprint MiB':>14} {'extra':>8}"]
   for c in out["compile"]:
     mem = c.get("memory")
     foot = f"{mem['footprint_bytes'] / 2**20:>14.2f}" if mem else f"{'n/a':>14}"
-    lines.append(f"{c['method']:<20} {c['inner_steps']:>3} {c['trace_lower_s']:>12.2f} "
+    lines.append(f"{c['method']:<22} {c['inner_steps']:>3} {c['trace_lower_s']:>12.2f} "
                  f"{c['compile_s']:>9.2f} {foot} "
                  f"{c.get('extra_footprint_param_units', float('nan')):>8.2f}")
   if out["notes"]:

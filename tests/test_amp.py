@@ -484,3 +484,23 @@ def test_updates_with_wrong_tree_says_so():
 def test_import_does_not_import_flax():
   code = "import amp_optax, sys; assert 'flax' not in sys.modules, 'flax imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_unrolled_inner_loop_gives_the_same_update(unroll):
+  params, batch = mlp_params(), make_batch()
+  grads = jax.grad(mlp_loss)(params, batch)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+  looped = amp_optax.amp(0.1, inner_steps=3)
+  unrolled = amp_optax.amp(0.1, inner_steps=3, unroll=unroll)
+  want, _ = jax.jit(lambda g, s, p: looped.update(g, s, p, grad_fn=gf))(
+      grads, looped.init(params), params)
+  got, _ = jax.jit(lambda g, s, p: unrolled.update(g, s, p, grad_fn=gf))(
+      grads, unrolled.init(params), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("unroll", [0, -1, 1.5, "yes"])
+def test_bad_unroll_fails_at_construction(unroll):
+  with pytest.raises(ValueError, match="unroll"):
+    amp_optax.amp(0.5, inner_steps=2, unroll=unroll)

@@ -200,7 +200,9 @@ def make_optimizer(
     return base
   if name == "amp":
     return optax.chain(
-        amp_optax.amp(epsilon, inner_lr=inner_lr, inner_steps=inner_steps, norm=norm), base)
+        # XLA:CPU runs convolutions in loop bodies slowly (jax#12868): unroll K there.
+        amp_optax.amp(epsilon, inner_lr=inner_lr, inner_steps=inner_steps, norm=norm,
+                      unroll=jax.default_backend() == "cpu"), base)
   if name == "sam":
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
     return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
