@@ -109,6 +109,8 @@ def prepare_data(args: argparse.Namespace, workdir: str) -> str | None:
         f"no --data-dir and no {BUILD_PY} to build CIFAR-10 from. Pass --data-dir DIR "
         "(a folder holding cifar-10-batches-py/), or --data synthetic for a synthetic stand-in.")
   out = os.path.join(workdir, "cifar10")
+  if os.path.exists(os.path.join(out, "cifar-10-batches-py", "test_batch")):
+    return out  # built by an earlier call with the same --work-dir
   cmd = [sys.executable, BUILD_PY, out, "--train", str(args.train_size),
          "--test", str(args.test_size)]
   t0 = time.perf_counter()
@@ -163,9 +165,16 @@ def make_sharpness_fn(model: Any, args: argparse.Namespace) -> Any:
 # Training.
 
 
+def run_dir(setting: Setting, seed: int, workdir: str) -> str:
+  """A run's folder: named by its setting and seed, so a later call finds it again."""
+  slug = "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in setting.label)
+  return os.path.join(workdir, "runs", f"{slug}_seed{seed}")
+
+
 def train_one(setting: Setting, seed: int, args: argparse.Namespace, data_dir: str | None,
               workdir: str) -> dict[str, Any]:
-  """Trains one setting with one seed; returns its history and final state."""
+  """Trains (or, with --work-dir, resumes) one setting with one seed; returns the result."""
+  persistent = args.work_dir is not None
   config = cifar_train.Config(
       optimizer=setting.method, model=args.model, dataset="cifar10", data_dir=data_dir,
       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -173,8 +182,9 @@ def train_one(setting: Setting, seed: int, args: argparse.Namespace, data_dir: s
       inner_lr=args.inner_lr, inner_steps=setting.inner_steps or 1,
       norm=setting.norm or "per_tensor", rho=setting.rho or 0.05,
       train_size=args.train_size, test_size=args.test_size, seed=seed,
-      out_dir=os.path.join(workdir, f"run-{abs(hash((setting, seed)))}"), overwrite=True,
-      num_devices=args.num_devices, quick=data_dir is None, checkpoint=False, plot=False,
+      out_dir=run_dir(setting, seed, workdir), overwrite=not persistent, resume=persistent,
+      stop_after=args.stop_after, num_devices=args.num_devices, quick=data_dir is None,
+      checkpoint=persistent, plot=False,
       progress=False, verbose=args.verbose >= 2)
   return cifar_train.train(config)
 
@@ -266,6 +276,10 @@ def markdown(out: dict[str, Any]) -> str:
       f"{a['perturb_samples']} random u of {a['perturb_norm']} L2 norm {a['perturb_radius']:g}, "
       "same batch.",
   ]
+  if out.get("pending"):
+    lines += ["", "Not finished yet (resume with the same --work-dir and a later --stop-after): "
+              + ", ".join(f"{p['setting']} seed {p['seed']} ({p['epochs_done']}/{p['epochs']} "
+                          "epochs)" for p in out["pending"]) + "."]
   return "\n".join(lines)
 
 
@@ -299,7 +313,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   """Trains every setting with every seed; returns (and writes) the results."""
   settings = settings_for(args)
   rows, runs_out = [], {}
-  with (tempfile.TemporaryDirectory(prefix="amp_reproduce_") as workdir,
+  if args.work_dir is not None:
+    os.makedirs(args.work_dir, exist_ok=True)
+    workdir_context = contextlib.nullcontext(args.work_dir)
+  else:
+    workdir_context = tempfile.TemporaryDirectory(prefix="amp_reproduce_")
+  pending = []
+  with (workdir_context as workdir,
         compilation_cache(os.path.join(workdir, "jax_cache"))):
     data_dir = prepare_data(args, workdir)
     x_sharp, y_sharp = sharpness_batch(args, data_dir)
@@ -310,6 +330,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       for seed in range(args.seeds):
         t0 = time.perf_counter()
         result = train_one(setting, seed, args, data_dir, workdir)
+        if len(result.history) < args.epochs:  # --stop-after: continue in a later call
+          pending.append({"setting": setting.label, "seed": seed,
+                          "epochs_done": len(result.history), "epochs": args.epochs})
+          _log(args, f"{setting.label:<34} seed {seed}: {len(result.history)}/{args.epochs} "
+                     f"epochs so far; continue with the same --work-dir")
+          continue
         sharp = jax.device_get(measure(result.params, result.batch_stats, x_sharp, y_sharp))
         run_out = summarize_run(result, sharp)
         runs.append(run_out)
@@ -320,8 +346,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    f"{run_out['hessian_top_eigenvalue']:.3g}  ΔL "
                    f"{run_out['perturbation_increase_mean']:.3g}  "
                    f"({time.perf_counter() - t0:.0f}s)")
-      rows.append(aggregate(setting, runs))
-      runs_out[setting.label] = runs
+      if runs:
+        rows.append(aggregate(setting, runs))
+        runs_out[setting.label] = runs
 
   device = jax.devices()[0]
   if data_dir is None:
@@ -338,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "device_kind": getattr(device, "device_kind", "?"),
                       "jax": jax.__version__, "optax": optax.__version__,
                       "python": platform.python_version(), "cpu_count": os.cpu_count()},
-      "rows": rows, "runs": runs_out,
+      "rows": rows, "runs": runs_out, "pending": pending,
   }
   out["markdown"] = markdown(out)
   base = args.out or os.path.join(
@@ -395,6 +422,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--sharpness-seed", type=int, default=0)
   p.add_argument("--num-devices", type=int, default=1,
                  help="data-parallel over this many local devices")
+  p.add_argument("--work-dir", default=None,
+                 help="keep runs (checkpoints, metrics) and the built data here, and resume them "
+                      "on the next call with the same flags; default: a temporary folder")
+  p.add_argument("--stop-after", type=int, default=None,
+                 help="with --work-dir: train each run up to this epoch in this call (e.g. 20, "
+                      "then 40, ... across sessions); unfinished runs are listed as pending")
   p.add_argument("--out", default=None, help="output path (.json; a .md goes next to it)")
   p.add_argument("-v", "--verbose", type=int, default=1,
                  help="0 quiet, 1 one line per run, 2 also per epoch")
@@ -412,6 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epsilons = args.epsilons[:2]
   if not math.isfinite(args.perturb_radius) or args.perturb_radius <= 0:
     p.error("--perturb-radius must be > 0")
+  if args.stop_after is not None and args.work_dir is None:
+    p.error("--stop-after needs --work-dir, where the runs are kept for the next call")
   return args
 
 

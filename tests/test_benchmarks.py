@@ -162,3 +162,20 @@ def test_torch_amp_step_matches_amp_optax(inner_steps):
     expected = [params["w1"].T, params["b1"], params["w2"].T, params["b2"]]
     for g, e in zip(got, expected, strict=True):
       np.testing.assert_allclose(g, np.asarray(e), rtol=1e-10, atol=1e-12)
+
+
+def test_reproduce_resumes_across_calls_with_a_work_dir(tmp_path):
+  """--stop-after leaves runs pending; a second call with the same --work-dir finishes them."""
+  work, out1, out2 = tmp_path / "work", tmp_path / "a.json", tmp_path / "b.json"
+  common = ["--preset", "smoke", "--epochs", "2", "--seeds", "1", "--methods", "erm",
+            "--work-dir", str(work)]
+  _run_module("benchmarks.reproduce", *common, "--stop-after", "1", "--out", str(out1))
+  first = json.loads(out1.read_text())
+  assert first["rows"] == []
+  assert first["pending"] == [{"setting": "ERM", "seed": 0, "epochs_done": 1, "epochs": 2}]
+  _run_module("benchmarks.reproduce", *common, "--out", str(out2))
+  second = json.loads(out2.read_text())
+  assert second["pending"] == []
+  (run,) = second["runs"]["ERM"]
+  assert [h["epoch"] for h in run["history"]] == [1, 2]
+  assert np.isfinite(run["final_test_acc"])
