@@ -8,6 +8,7 @@ Public API: :func:`amp` and :class:`AmpState`; the norm-ball helpers
 from there, so ``import amp_optax`` never needs Flax.
 """
 
+from amp_optax import diagnostics
 from amp_optax._amp import AmpState
 from amp_optax._amp import amp
 from amp_optax._projection import global_l2_norm
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AmpState",
     "amp",
+    "diagnostics",
     "global_l2_norm",
     "project_global",
     "project_per_tensor",
