@@ -51,10 +51,11 @@ from flax.training import train_state
 import jax
 import optax
 
-__all__ = ("STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "make_grad_fn")
+from amp_optax._policies import RNG_POLICIES
+from amp_optax._policies import STATS_POLICIES
+from amp_optax._policies import check_policies
 
-STATS_POLICIES = ("clean", "authors")
-RNG_POLICIES = ("same", "fold_in")
+__all__ = ("STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "make_grad_fn")
 
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
@@ -139,17 +140,6 @@ class TrainState(train_state.TrainState):
     bound = optax.GradientTransformationExtraArgs(tx.init, functools.partial(tx.update, **extra))
     new_state = super(TrainState, self.replace(tx=bound)).apply_gradients(grads=grads, **kwargs)
     return new_state.replace(tx=tx)
-
-
-def _check_policies(stats_policy: str, rng_policy: str) -> None:
-  if stats_policy not in STATS_POLICIES:
-    raise ValueError(
-        f"`stats_policy` must be one of {STATS_POLICIES}, got {stats_policy!r}. 'clean' keeps "
-        "the clean pass's batch statistics; 'authors' also applies each perturbed pass's.")
-  if rng_policy not in RNG_POLICIES:
-    raise ValueError(
-        f"`rng_policy` must be one of {RNG_POLICIES}, got {rng_policy!r}. 'same' reuses the "
-        "clean pass's key in the perturbed passes; 'fold_in' folds in the inner step.")
 
 
 def _perturbed_rng(rng: Any, inner_step: Any, rng_policy: str) -> Any:
@@ -254,7 +244,7 @@ def make_grad_fn(
     ``grad_fn(params, inner_step) -> grads``, for ``tx.update(...,
     grad_fn=grad_fn)`` or :meth:`TrainState.apply_gradients`.
   """
-  _check_policies("clean", rng_policy)
+  check_policies("clean", rng_policy)
   grad = jax.grad(_with_aux(loss_fn, has_aux), has_aux=True)
 
   def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
@@ -332,7 +322,7 @@ def amp_step(
     ``(new_state, loss)``, or ``(new_state, (loss, aux))`` if ``has_aux``;
     ``loss`` and ``aux`` are those of the clean pass.
   """
-  _check_policies(stats_policy, rng_policy)
+  check_policies(stats_policy, rng_policy)
   full_loss = _with_aux(loss_fn, has_aux)
   (loss, (clean_stats, aux)), grads = jax.value_and_grad(full_loss, has_aux=True)(
       state.params, state.batch_stats, batch, rng)

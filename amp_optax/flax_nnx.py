@@ -41,23 +41,13 @@ from flax import nnx
 import jax
 import optax
 
+from amp_optax._policies import RNG_POLICIES
+from amp_optax._policies import STATS_POLICIES
+from amp_optax._policies import check_policies
+
 __all__ = ("STATS_POLICIES", "RNG_POLICIES", "amp_step", "make_grad_fn")
 
-STATS_POLICIES = ("clean", "authors")
-RNG_POLICIES = ("same", "fold_in")
-
 GradFn = Callable[[optax.Params, Any], optax.Updates]
-
-
-def _check_policies(stats_policy: str, rng_policy: str) -> None:
-  if stats_policy not in STATS_POLICIES:
-    raise ValueError(
-        f"`stats_policy` must be one of {STATS_POLICIES}, got {stats_policy!r}. 'clean' keeps "
-        "the clean pass's batch statistics; 'authors' also applies each perturbed pass's.")
-  if rng_policy not in RNG_POLICIES:
-    raise ValueError(
-        f"`rng_policy` must be one of {RNG_POLICIES}, got {rng_policy!r}. 'same' reuses the "
-        "clean pass's RNG state in the perturbed passes; 'fold_in' folds in the inner step.")
 
 
 class _Snapshot:
@@ -150,7 +140,7 @@ def make_grad_fn(
     ``grad_fn(params, inner_step) -> grads``, pure, for
     ``optimizer.update(model, grads, grad_fn=grad_fn)``.
   """
-  _check_policies("clean", rng_policy)
+  check_policies("clean", rng_policy)
   snapshot = _Snapshot(model, wrt)
   grad_and_rest = snapshot.perturbed_grad(loss_fn, args, has_aux, rng_policy)
 
@@ -220,7 +210,7 @@ def amp_step(
   Returns:
     The clean pass's loss, or ``(loss, aux)`` if ``has_aux``.
   """
-  _check_policies(stats_policy, rng_policy)
+  check_policies(stats_policy, rng_policy)
   wrt = optimizer.wrt
   snapshot = _Snapshot(model, wrt)  # before the clean pass mutates the model.
   grad_and_rest = snapshot.perturbed_grad(loss_fn, args, has_aux, rng_policy)
