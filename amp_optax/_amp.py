@@ -39,6 +39,8 @@ class AmpState(NamedTuple):
     clean_grad_norm: global L2 norm of the incoming (clean) gradient.
     perturbed_grad_norm: global L2 norm of the returned gradient at
       ``params + Delta_K``.
+
+  With ``inner_steps=0`` only ``count`` advances; the diagnostics stay 0.
   """
 
   count: jax.Array
