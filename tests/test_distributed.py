@@ -46,11 +46,8 @@ def make_tx(norm, batch_axis_name=None):
       optax.sgd(0.1, momentum=0.9, nesterov=True))
 
 
-def single_device_steps(norm, steps=3):
-  x, y = batch()
-  tx = make_tx(norm)
-  params = init_params()
-  state = tx.init(params)
+def jit_step(tx, x, y):
+  """One jitted AMP step on the whole batch (x, y), however it is sharded."""
 
   @jax.jit
   def step(params, state):
@@ -59,6 +56,16 @@ def single_device_steps(norm, steps=3):
                                grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
     return optax.apply_updates(params, updates), state
 
+  return step
+
+
+def single_device_steps(norm, steps=3):
+  x, y = batch()
+  tx = make_tx(norm)
+  params = init_params()
+  state = tx.init(params)
+
+  step = jit_step(tx, x, y)
   for _ in range(steps):
     params, state = step(params, state)
   return params, state
@@ -162,13 +169,7 @@ def test_jit_with_sharded_batch_and_params_matches_one_device(norm, axis_type):
     tx = make_tx(norm)
     state = jax.jit(tx.init)(params)
 
-    @jax.jit
-    def step(params, state):
-      grads = jax.grad(loss_fn)(params, x, y)
-      updates, state = tx.update(grads, state, params,
-                                 grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
-      return optax.apply_updates(params, updates), state
-
+    step = jit_step(tx, x, y)
     for _ in range(3):
       params, state = step(params, state)
   want, _ = single_device_steps(norm)

@@ -4,7 +4,6 @@ import functools
 import subprocess
 import sys
 from typing import Any
-from typing import NamedTuple
 
 import flax.linen as nn
 from flax.training import train_state as flax_train_state
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from value_recorder import record_value
 
 import amp_optax
 from amp_optax import flax_linen
@@ -177,24 +177,8 @@ def test_plain_apply_gradients_matches_flax():
   assert ours.tx is state.tx and type(ours) is flax_linen.TrainState
 
 
-class _ValueState(NamedTuple):
-  value: jax.Array
-
-
-def _record_value() -> optax.GradientTransformationExtraArgs:
-  def init_fn(params):
-    del params
-    return _ValueState(jnp.zeros(()))
-
-  def update_fn(updates, state, params=None, *, value, **extra):
-    del state, params, extra
-    return updates, _ValueState(jnp.asarray(value, jnp.float32))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
 def test_value_extra_arg_passes_through():
-  state, loss_fn, batch = _setup(base=optax.chain(_record_value(), optax.sgd(LR)))
+  state, loss_fn, batch = _setup(base=optax.chain(record_value(), optax.sgd(LR)))
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, batch, None)
   grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)

@@ -1,6 +1,5 @@
 """Tests of amp_optax.flax_nnx: pure grad_fn, nnx.Optimizer pattern, state policies."""
 
-from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from value_recorder import record_value
 
 import amp_optax
 from amp_optax import flax_nnx
@@ -218,25 +218,9 @@ def test_fold_in_policy_trains():
   assert losses[-1] < 0.5 * losses[0], losses
 
 
-class _ValueState(NamedTuple):
-  value: jax.Array
-
-
-def _record_value() -> optax.GradientTransformationExtraArgs:
-  def init_fn(params):
-    del params
-    return _ValueState(jnp.zeros(()))
-
-  def update_fn(updates, state, params=None, *, value, **extra):
-    del state, params, extra
-    return updates, _ValueState(jnp.asarray(value, jnp.float32))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
 def test_has_aux_and_value_pass_through():
   x, y = _data()
-  model, optimizer = _setup(base=optax.chain(_record_value(), optax.sgd(LR)))
+  model, optimizer = _setup(base=optax.chain(record_value(), optax.sgd(LR)))
 
   def loss_with_aux(model, x, y):
     loss = loss_fn(model, x, y)
