@@ -2,7 +2,8 @@
 
 Public API: :func:`amp` and :class:`AmpState`; the norm-ball helpers
 :func:`project_per_tensor`, :func:`project_global` and
-:func:`global_l2_norm`; the sharpness measures in
+:func:`global_l2_norm`; :func:`covers_accumulated_batch` (gradient
+accumulation); the sharpness measures in
 :mod:`amp_optax.diagnostics`. The Flax helpers live in
 :mod:`amp_optax.flax_linen` and :mod:`amp_optax.flax_nnx` and are imported
 from there, so ``import amp_optax`` never needs Flax.
@@ -11,6 +12,7 @@ from there, so ``import amp_optax`` never needs Flax.
 from amp_optax import diagnostics
 from amp_optax._amp import AmpState
 from amp_optax._amp import amp
+from amp_optax._call_checks import covers_accumulated_batch
 from amp_optax._projection import global_l2_norm
 from amp_optax._projection import project_global
 from amp_optax._projection import project_per_tensor
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AmpState",
     "amp",
+    "covers_accumulated_batch",
     "diagnostics",
     "global_l2_norm",
     "project_global",

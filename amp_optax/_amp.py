@@ -1,6 +1,7 @@
 """Adversarial Model Perturbation (AMP) as an Optax gradient transformation."""
 
 from collections.abc import Callable
+import functools
 import numbers
 from typing import Any
 from typing import NamedTuple
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amp_optax import _call_checks
 from amp_optax import _projection
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -18,16 +20,6 @@ MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
 NORMS = ("per_tensor", "global")
-
-_GRAD_FN_HELP = (
-    "Pass the loss gradient as a keyword argument, e.g.\n"
-    "    loss, grads = jax.value_and_grad(loss_fn)(params, batch)\n"
-    "    updates, opt_state = tx.update(\n"
-    "        grads, opt_state, params,\n"
-    "        grad_fn=jax.grad(lambda p, _: loss_fn(p, batch)))\n"
-    "grad_fn(params, inner_step) must return gradients shaped like params."
-)
-
 
 class AmpState(NamedTuple):
   """State of :func:`amp`: a step count and diagnostics of the last step.
@@ -53,6 +45,11 @@ def _check_non_negative(name: str, value: Any) -> None:
   """Rejects a negative concrete scalar; schedules and tracers pass through."""
   if callable(value):
     return
+  if isinstance(value, (str, bytes, bool, np.bool_)) or (
+      hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.number)):
+    raise TypeError(
+        f"amp(): `{name}` must be a non-negative float or an optax schedule "
+        f"(a function of the step count); got {value!r}.")
   try:
     number = float(np.asarray(value))
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -90,6 +87,39 @@ def _value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
   return value(count) if callable(value) else value
 
 
+def _raise_if_negative(name: str, value: Any) -> None:
+  if not np.asarray(value) >= 0:  # also NaN
+    raise ValueError(
+        f"amp(): `{name}` evaluated to {np.asarray(value)} at this step; it must be >= 0 "
+        "(a negative radius or step turns the ascent into descent). Check the schedule or "
+        "the value set through optax.inject_hyperparams.")
+
+
+def _checked_at_runtime(name: str, value: Any) -> Any:
+  """``value``, checked >= 0 now if concrete, else when the compiled step runs.
+
+  A schedule's value or an injected hyper-parameter is traced, so a negative
+  one can only be caught on the device; a host callback raises it there.
+  """
+  try:
+    _raise_if_negative(name, value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    jax.debug.callback(functools.partial(_raise_if_negative, name), value)
+  return value
+
+
+def _resolve_unroll(unroll: int | bool | None) -> int | bool:
+  """``unroll=None`` means: unroll on CPU, one loop body elsewhere.
+
+  XLA:CPU runs convolutions inside a loop body many times slower than outside
+  one (jax#12868), while on GPU and TPU a loop keeps compile time flat in K at
+  little cost. Decided at trace time from the backend jit compiles for.
+  """
+  if unroll is not None:
+    return unroll
+  return True if jax.default_backend() == "cpu" else 1
+
+
 def _perturbable(leaf: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
@@ -124,7 +154,9 @@ def _mask_leaves(mask: MaskOrFn, params: Any) -> list[bool]:
     except (TypeError, jax.errors.ConcretizationTypeError) as e:
       raise TypeError(
           "amp(): `mask` leaves must be Python bools (or concrete bool "
-          f"arrays), known at trace time; got {m!r}.") from e
+          f"arrays), known at trace time; got {m!r}. Under optax.inject_hyperparams a "
+          "mask (and a callable mask, which it takes for a schedule) must be static: "
+          "inject_hyperparams(amp, static_args=('inner_steps', 'mask')).") from e
   if len(out) != len(leaves):
     raise ValueError(
         f"amp(): `mask` gives {len(out)} bools for {len(leaves)} params "
@@ -201,7 +233,10 @@ def amp(
     mask: which parameters to perturb: a pytree of bools with the structure
       of the params (or a prefix of it), or a function of the params
       returning one. Unmasked parameters keep ``Delta = 0`` and do not count
-      towards the global norm. Non-floating leaves are never perturbed.
+      towards the global norm. Non-floating leaves are never perturbed. Use
+      this, not :func:`optax.masked` or :func:`optax.multi_transform` around
+      ``amp``: those hide the other parameters from ``grad_fn``. Under
+      :func:`optax.inject_hyperparams` list ``"mask"`` in ``static_args``.
     batch_axis_name: under :func:`jax.pmap` or :func:`jax.shard_map` with
       per-device batches, the axis over which the gradients returned by
       ``grad_fn`` are averaged (:func:`jax.lax.pmean`) so that all devices
@@ -241,14 +276,24 @@ def amp(
         f"amp(): `norm` must be one of {NORMS}, got {norm!r}. "
         "'per_tensor' bounds each parameter array (the authors' code); "
         "'global' bounds all parameters together (the paper's formula).")
-  if unroll is None:
-    unroll = 1
-  elif isinstance(unroll, (bool, np.bool_)):
+  if isinstance(unroll, (bool, np.bool_)):
     unroll = bool(unroll)
-  elif not isinstance(unroll, numbers.Integral) or unroll < 1:
+  elif isinstance(unroll, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f"amp(): `unroll` must be a Python bool or int, fixed at trace time; got {unroll!r}. "
+        "Under optax.inject_hyperparams mark it static: inject_hyperparams(amp, "
+        "static_args=('inner_steps', 'unroll')).")
+  elif unroll is not None and (not isinstance(unroll, numbers.Integral) or unroll < 1):
     raise ValueError(
-        f"amp(): `unroll` must be a bool or an int >= 1, got {unroll!r}. Use unroll=True "
+        f"amp(): `unroll` must be None, a bool or an int >= 1, got {unroll!r}. Use unroll=True "
         "to unroll the K inner steps (faster on CPU), 1 to keep one loop body.")
+  if isinstance(mask, (bool, np.bool_, jax.Array, np.ndarray)):
+    raise TypeError(
+        f"amp(): `mask` must be a pytree of bools shaped like the params, or a function of "
+        f"the params returning one; got the single value {mask!r}. (Under "
+        "optax.inject_hyperparams a callable mask is taken for a schedule and called with the "
+        "step count: list it in static_args, inject_hyperparams(amp, static_args=("
+        "'inner_steps', 'mask')).) To switch AMP off use inner_steps=0.")
   if mask is not None and not callable(mask):
     jax.tree.leaves(mask)  # a malformed mask fails here, not mid-training.
   project = (_projection.project_per_tensor if norm == "per_tensor"
@@ -264,52 +309,69 @@ def amp(
       updates: optax.Updates,
       state: AmpState,
       params: optax.Params | None = None,
-      *,
+      *args: Any,
       grad_fn: GradFn | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, AmpState]:
     del extra_args
+    if args:
+      raise TypeError(
+          "amp(): update() takes grad_fn as a keyword argument, not positionally: "
+          "tx.update(grads, opt_state, params, grad_fn=grad_fn).")
     count = optax.safe_increment(state.count)
     if num_steps == 0:
       return updates, state._replace(count=count)
     if grad_fn is None:
-      raise ValueError(
-          "amp(): update() needs `grad_fn`, the gradient of the loss at other "
-          "parameters.\n" + _GRAD_FN_HELP)
+      raise _call_checks.missing_grad_fn_error()
     if params is None:
       raise ValueError(
           "amp(): update() needs `params` (the point the ascent starts "
           "from): tx.update(grads, opt_state, params, grad_fn=...).")
+    _call_checks.check_no_masked_nodes(params)
+    _call_checks.check_not_in_multisteps(grad_fn)
+    _call_checks.check_grad_fn_signature(grad_fn)
     _check_same_structure(
         "updates", updates, params,
         "Pass the gradient of the loss w.r.t. exactly these params.")
 
-    eps = _value_at(epsilon, state.count)
-    lr = _value_at(inner_lr, state.count)
+    eps = _checked_at_runtime("epsilon", _value_at(epsilon, state.count))
+    lr = _checked_at_runtime("inner_lr", _value_at(inner_lr, state.count))
 
     param_leaves, treedef = jax.tree.flatten(params)
     update_leaves = treedef.flatten_up_to(updates)
+    _call_checks.check_leaves_match(
+        "the gradient passed as `updates`", update_leaves, params,
+        "Pass the gradient of the loss w.r.t. exactly these params.")
     chosen = [m and _perturbable(p)
               for m, p in zip(_mask_leaves(mask, params), param_leaves)]
     idx = [i for i, c in enumerate(chosen) if c]
 
     def ascend(delta, grad_leaves):
-      stepped = [d + (lr * grad_leaves[i]).astype(d.dtype)
-                 for d, i in zip(delta, idx)]
+      # In at least float32 (Delta is carried so): an fp16 step inner_lr * g may overflow
+      # before the projection brings it back into the ball.
+      stepped = [d + lr * grad_leaves[i].astype(d.dtype) for d, i in zip(delta, idx)]
       return project(stepped, eps)
 
     def perturbed_grad(delta, step):
       leaves = list(param_leaves)
       for d, i in zip(delta, idx):
-        leaves[i] = leaves[i] + d
-      grads = grad_fn(jax.tree.unflatten(treedef, leaves), step)
+        leaves[i] = leaves[i] + d.astype(leaves[i].dtype)
+      try:
+        grads = grad_fn(jax.tree.unflatten(treedef, leaves), step)
+      except Exception as e:
+        _call_checks.note_grad_fn_failure(e)
+        raise
       _check_same_structure(
           "grad_fn's output", grads, params,
           "grad_fn(params, inner_step) must return gradients w.r.t. its "
           "first argument, e.g. jax.grad(lambda p, _: loss_fn(p, batch)).")
+      grad_leaves = treedef.flatten_up_to(grads)
+      _call_checks.check_leaves_match(
+          "grad_fn's output", grad_leaves, params,
+          "grad_fn(params, inner_step) must return the gradient w.r.t. its first argument.")
       if batch_axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
-      return treedef.flatten_up_to(grads)
+        grad_leaves = jax.lax.pmean(grad_leaves, axis_name=batch_axis_name)
+      return grad_leaves
 
     def keep_dtypes(new, old):
       # A loop carry must keep its dtypes, whatever grad_fn returns.
@@ -321,13 +383,14 @@ def amp(
       delta = ascend(delta, grad_leaves)
       return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
 
-    delta0 = [jnp.zeros_like(param_leaves[i]) for i in idx]
+    delta0 = [jnp.zeros(param_leaves[i].shape, _projection.accumulation_dtype(
+        param_leaves[i].dtype)) for i in idx]
     first = [jnp.asarray(u) for u in update_leaves]
     if num_steps == 1:
       delta, grad_leaves = body(0, (delta0, first))
     else:
       delta, grad_leaves = jax.lax.fori_loop(
-          0, num_steps, body, (delta0, first), unroll=unroll)
+          0, num_steps, body, (delta0, first), unroll=_resolve_unroll(unroll))
 
     new_updates = jax.tree.unflatten(treedef, grad_leaves)
     new_state = AmpState(

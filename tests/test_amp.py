@@ -1,5 +1,6 @@
 """Properties, errors and composition of amp_optax.amp."""
 
+import functools
 import subprocess
 import sys
 
@@ -297,29 +298,6 @@ def test_same_train_step_runs_with_optax_sam():
   chex.assert_trees_all_close(p_sam, p_amp, rtol=1e-6)
 
 
-def test_multisteps():
-  params = mlp_params()
-  every = 3
-  tx = optax.MultiSteps(optax.chain(amp_optax.amp(0.5), optax.sgd(0.1)), every_k_schedule=every)
-  state = tx.init(params)
-
-  def step(params, state, batch):
-    grads = jax.grad(mlp_loss)(params, batch)
-    grad_fn = jax.grad(lambda p, _: mlp_loss(p, batch))
-    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step)
-  p = params
-  for i in range(every):
-    p, state = step(p, state, make_batch(seed=i))
-    if i < every - 1:
-      chex.assert_trees_all_equal(p, params)  # accumulating only
-  diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), p, params)
-  assert max(float(d) for d in jax.tree.leaves(diff)) > 0
-  assert int(state.inner_opt_state[0].count) == 1
-
-
 def test_inject_hyperparams_changes_epsilon_between_steps():
   params = zero_params()
   grads = jax.tree.map(jnp.ones_like, params)
@@ -388,17 +366,38 @@ def test_no_recompilation_across_steps():
 
 
 def test_compiled_program_size_does_not_grow_with_k():
-  """K > 1 is one lax loop: the HLO for K=8 is no bigger than for K=2."""
+  """K > 1 with unroll=1 is one lax loop: the HLO for K=8 is no bigger than for K=2."""
   params, batch = mlp_params(), make_batch()
   grads = jax.grad(mlp_loss)(params, batch)
   gf = jax.grad(lambda p, _: mlp_loss(p, batch))
 
   def hlo_len(k):
-    tx = amp_optax.amp(0.5, inner_steps=k)
+    tx = amp_optax.amp(0.5, inner_steps=k, unroll=1)
     f = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=gf))
     return len(f.lower(grads, tx.init(params), params).as_text())
 
   assert hlo_len(8) == hlo_len(2)
+
+
+def _lowered_text(tx, params, batch):
+  grads = jax.grad(mlp_loss)(params, batch)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+  f = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=gf))
+  return f.lower(grads, tx.init(params), params).as_text()
+
+
+def test_default_loop_is_unrolled_on_cpu_and_a_loop_elsewhere(monkeypatch):
+  """unroll=None decides per backend at trace time (XLA:CPU runs loop bodies slowly)."""
+  params, batch = mlp_params(), make_batch()
+  assert jax.default_backend() == "cpu"
+  cpu_text = _lowered_text(amp_optax.amp(0.5, inner_steps=3), params, batch)
+  assert "while" not in cpu_text
+  assert cpu_text == _lowered_text(amp_optax.amp(0.5, inner_steps=3, unroll=True), params, batch)
+  # As it would trace for a GPU or TPU: one loop body, compile time flat in K.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  gpu_text = _lowered_text(amp_optax.amp(0.5, inner_steps=3), params, batch)
+  assert "while" in gpu_text
+  assert gpu_text == _lowered_text(amp_optax.amp(0.5, inner_steps=3, unroll=1), params, batch)
 
 
 def test_state_is_a_namedtuple_of_scalars():
@@ -504,3 +503,166 @@ def test_unrolled_inner_loop_gives_the_same_update(unroll):
 def test_bad_unroll_fails_at_construction(unroll):
   with pytest.raises(ValueError, match="unroll"):
     amp_optax.amp(0.5, inner_steps=2, unroll=unroll)
+
+
+# ------------------------------------------------ compositions and call mistakes (issue 8)
+
+
+def test_fp16_huge_inner_step_is_projected_not_nan():
+  """inner_lr * g overflows float16 before the projection; the ascent runs in float32."""
+  params16 = jax.tree.map(lambda p: p.astype(jnp.float16), mlp_params())
+  batch16 = jax.tree.map(lambda x: x.astype(jnp.float16), make_batch())
+  grads = jax.grad(mlp_loss)(params16, batch16)
+  for k_steps in (1, 2):
+    tx = amp_optax.amp(0.5, inner_lr=1e4, inner_steps=k_steps)
+    delta, state = jax.jit(functools.partial(tx.update, grad_fn=delta_probe(params16)))(
+        grads, tx.init(params16), params16)
+    assert all(bool(jnp.all(jnp.isfinite(d))) for d in jax.tree.leaves(delta))
+    assert bool(jnp.isfinite(state.delta_norm))
+    # Each non-zero leaf's Delta is on the sphere of radius 0.5 (to fp16 rounding of p + d - p).
+    for n, g in zip(leaf_norms(delta), jax.tree.leaves(grads)):
+      if float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0:
+        assert n == pytest.approx(0.5, rel=2e-2)
+    updates, _ = tx.update(grads, tx.init(params16), params16,
+                           grad_fn=jax.grad(lambda p, _: mlp_loss(p, batch16)))
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    assert all(u.dtype == jnp.float16 for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("k_steps", [1, 2])
+def test_wrong_shape_from_grad_fn_names_the_leaf(k_steps):
+  params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = amp_optax.amp(0.5, inner_steps=k_steps)
+  bad = lambda p, _: {"w": jnp.ones((3, 1)), "b": jnp.zeros(())}
+  with pytest.raises(ValueError, match=r"shape \(3, 1\) at params\['w'\].*shape \(3,\)"):
+    tx.update(grads, tx.init(params), params, grad_fn=bad)
+
+
+def test_wrong_shape_of_clean_gradient_names_the_leaf():
+  params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+  grads = {"w": jnp.ones((3, 1)), "b": jnp.zeros(())}
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(ValueError, match=r"`updates` has shape \(3, 1\) at params\['w'\]"):
+    tx.update(grads, tx.init(params), params, grad_fn=lambda p, _: p)
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform", "partition"])
+def test_amp_inside_masking_wrappers_points_to_amp_mask(wrap):
+  params, batch = mlp_params(), make_batch()
+  inner = optax.chain(amp_optax.amp(0.5), optax.sgd(0.1))
+  labels = jax.tree.map(lambda p: "amp" if p.ndim > 1 else "plain", params)
+  if wrap == "masked":
+    tx = optax.masked(inner, jax.tree.map(lambda p: p.ndim > 1, params))
+  elif wrap == "multi_transform":
+    tx = optax.multi_transform({"amp": inner, "plain": optax.sgd(0.1)}, labels)
+  else:
+    if not hasattr(optax, "partition"):
+      pytest.skip("this optax has no optax.partition")
+    tx = optax.partition({"amp": inner, "plain": optax.sgd(0.1)}, labels)
+  grads = jax.grad(mlp_loss)(params, batch)
+  with pytest.raises(ValueError, match=r"MaskedNode(.|\n)*amp_optax.amp\(eps, mask=mask\)"):
+    tx.update(grads, tx.init(params), params,
+              grad_fn=jax.grad(lambda p, _: mlp_loss(p, batch)))
+
+
+def test_one_argument_grad_fn_shows_the_call():
+  params, batch = mlp_params(), make_batch()
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(TypeError, match=r"cannot be called as grad_fn\(params, inner_step\)"
+                     r"(.|\n)*grad_fn=jax.grad\(lambda p, _: loss_fn\(p, batch\)\)"):
+    tx.update(jax.grad(mlp_loss)(params, batch), tx.init(params), params,
+              grad_fn=lambda p: jax.grad(mlp_loss)(p, batch))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_grad_of_loss_with_batch_argument_gets_a_note():
+  """jax.grad(loss_fn) has the right arity but takes inner_step for the batch."""
+  params, batch = mlp_params(), make_batch()
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(TypeError) as info:
+    tx.update(jax.grad(mlp_loss)(params, batch), tx.init(params), params,
+              grad_fn=jax.grad(mlp_loss))
+  notes = "\n".join(getattr(info.value, "__notes__", []))
+  assert "grad_fn(perturbed_params, inner_step)" in notes
+  assert "close over the batch" in notes
+
+
+def test_grad_fn_passed_positionally_says_keyword():
+  params, batch = mlp_params(), make_batch()
+  tx = amp_optax.amp(0.5)
+  gf = jax.grad(lambda p, _: mlp_loss(p, batch))
+  with pytest.raises(TypeError, match="keyword argument, not positionally"):
+    tx.update(jax.grad(mlp_loss)(params, batch), tx.init(params), params, gf)
+
+
+def test_flax_train_state_dropping_grad_fn_is_named():
+  from flax.training import train_state
+  params, batch = mlp_params(), make_batch()
+  state = train_state.TrainState.create(
+      apply_fn=None, params=params, tx=optax.chain(amp_optax.amp(0.5), optax.sgd(0.1)))
+  with pytest.raises(ValueError, match=r"amp_optax.flax_linen.TrainState"):
+    state.apply_gradients(grads=jax.grad(mlp_loss)(params, batch),
+                          grad_fn=jax.grad(lambda p, _: mlp_loss(p, batch)))
+
+
+def test_missing_grad_fn_mentions_the_flax_helpers():
+  params = mlp_params()
+  tx = amp_optax.amp(0.5)
+  with pytest.raises(ValueError, match=r"flax_linen.TrainState(.|\n)*optimizer.update"):
+    tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("value", ["0.5", b"0.5", True, jnp.array([True])])
+def test_epsilon_of_wrong_type_fails_at_construction(value):
+  with pytest.raises(TypeError, match="epsilon"):
+    amp_optax.amp(value)
+
+
+def _run_update(tx, params, batch):
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(
+      lambda q, _: mlp_loss(q, batch))))
+  state = tx.init(params)
+  updates, state = step(jax.grad(mlp_loss)(params, batch), state, params)
+  return jax.block_until_ready(updates)
+
+
+def test_negative_epsilon_from_a_schedule_raises_when_it_is_reached():
+  params, batch = mlp_params(), make_batch()
+  tx = amp_optax.amp(lambda count: 0.5 - 1.0 * count)  # 0.5 at step 0, negative after
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(
+      lambda q, _: mlp_loss(q, batch))))
+  grads = jax.grad(mlp_loss)(params, batch)
+  _, state = step(grads, tx.init(params), params)  # epsilon(0) = 0.5: fine
+  with pytest.raises(Exception, match=r"`epsilon` evaluated to -0.5"):
+    jax.block_until_ready(step(grads, state, params))
+
+
+def test_negative_injected_epsilon_raises():
+  params, batch = mlp_params(), make_batch()
+  tx = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps",))(epsilon=0.5)
+  state = tx.init(params)
+  state.hyperparams["epsilon"] = jnp.asarray(-0.1)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(
+      lambda q, _: mlp_loss(q, batch))))
+  with pytest.raises(Exception, match=r"`epsilon` evaluated to -0.1"):
+    jax.block_until_ready(step(jax.grad(mlp_loss)(params, batch), state, params))
+
+
+def test_injected_unroll_without_static_args_says_what_to_do():
+  with pytest.raises(TypeError, match=r"static_args=\('inner_steps', 'unroll'\)"):
+    optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps",))(
+        epsilon=0.5, inner_steps=2, unroll=2).init(mlp_params())
+
+
+def test_injected_callable_mask_without_static_args_says_what_to_do():
+  params, batch = mlp_params(), make_batch()
+  tx = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps",))(
+      epsilon=0.5, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  with pytest.raises(TypeError, match=r"static_args=\('inner_steps', 'mask'\)"):
+    _run_update(tx, params, batch)
+  # Listed as static, the same mask works.
+  tx = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps", "mask"))(
+      epsilon=0.5, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(
+      _run_update(tx, params, batch)))

@@ -1,0 +1,155 @@
+"""Checks of how ``amp``'s ``update`` is called, with errors that say what to change.
+
+Everything here runs at trace time (Python values, shapes and the call stack), so none of it
+costs anything in the compiled step.
+"""
+
+import inspect
+import sys
+from typing import Any
+
+import jax
+import optax
+
+GRAD_FN_HELP = (
+    "Pass the loss gradient as a keyword argument, e.g.\n"
+    "    loss, grads = jax.value_and_grad(loss_fn)(params, batch)\n"
+    "    updates, opt_state = tx.update(\n"
+    "        grads, opt_state, params,\n"
+    "        grad_fn=jax.grad(lambda p, _: loss_fn(p, batch)))\n"
+    "grad_fn(params, inner_step) must return gradients shaped like params; inner_step is the\n"
+    "index of the ascent step (0, 1, ...), not a batch: close over the batch."
+)
+
+_FLAX_TRAIN_STATE_HELP = (
+    "Flax's flax.training.train_state.TrainState.apply_gradients does not pass grad_fn on to\n"
+    "tx.update (it takes it for a field to replace). Use amp_optax.flax_linen.TrainState, a\n"
+    "drop-in subclass whose apply_gradients forwards it:\n"
+    "    from amp_optax.flax_linen import TrainState\n"
+    "    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)\n"
+    "    state = state.apply_gradients(grads=grads, grad_fn=grad_fn)"
+)
+
+_MULTISTEPS_HELP = (
+    "amp() is inside optax.MultiSteps: the ascent would start from the gradient accumulated\n"
+    "over all micro-batches, but grad_fn is the one passed with the last micro-batch, so the\n"
+    "update would use only that micro-batch's data. Pick one of:\n"
+    "  * per-micro-batch AMP (each micro-batch ascends from its own gradient; the perturbed\n"
+    "    gradients are accumulated): put amp outside the accumulation,\n"
+    "        accumulate = optax.MultiSteps(base, k).gradient_transformation()\n"
+    "        tx = optax.chain(amp_optax.amp(eps), accumulate)\n"
+    "  * full-batch AMP: no MultiSteps; compute the clean gradient and grad_fn over the whole\n"
+    "    batch in micro-batches, e.g. with optax.microbatching.microbatch(jax.grad(loss_fn),\n"
+    "    argnums=1, microbatch_size=m, accumulator=optax.microbatching.AccumulationType.MEAN).\n"
+    "If your grad_fn already averages over every micro-batch of the accumulated batch, mark it:\n"
+    "    grad_fn=amp_optax.covers_accumulated_batch(grad_fn)"
+)
+
+_MASKED_HELP = (
+    "amp() was given params with optax.MaskedNode entries: it is inside optax.masked,\n"
+    "optax.multi_transform or optax.partition, which hide the other parameters from it, so\n"
+    "grad_fn cannot be evaluated at the full parameters. Put amp first in the chain, outside\n"
+    "the wrapper, and choose the perturbed parameters with its own mask:\n"
+    "    tx = optax.chain(amp_optax.amp(eps, mask=mask), optax.multi_transform(...))"
+)
+
+
+def covers_accumulated_batch(grad_fn: Any) -> Any:
+  """Marks a ``grad_fn`` as averaging over every micro-batch of an accumulated batch.
+
+  :func:`amp` raises an error when it runs inside :class:`optax.MultiSteps`,
+  because the ``grad_fn`` given with the last micro-batch normally sees only
+  that micro-batch. A ``grad_fn`` that evaluates the gradient over all the
+  micro-batches accumulated so far (full-batch AMP) is right there; wrapping
+  it with this function says so and lets the update run.
+
+  Args:
+    grad_fn: ``grad_fn(params, inner_step) -> grads``.
+
+  Returns:
+    A function that calls ``grad_fn`` and is marked for :func:`amp`.
+  """
+
+  def marked(params: Any, inner_step: Any) -> Any:
+    return grad_fn(params, inner_step)
+
+  marked.amp_covers_accumulated_batch = True
+  return marked
+
+
+def _frames() -> Any:
+  frame = sys._getframe(2)  # noqa: SLF001 -- the caller's caller; trace time only.
+  while frame is not None:
+    yield frame
+    frame = frame.f_back
+
+
+def check_not_in_multisteps(grad_fn: Any) -> None:
+  """Raises if ``amp.update`` runs inside ``optax.MultiSteps.update`` (trace time)."""
+  if getattr(grad_fn, "amp_covers_accumulated_batch", False):
+    return
+  multi_steps = getattr(optax, "MultiSteps", None)
+  if multi_steps is None:
+    return
+  for frame in _frames():
+    if frame.f_code.co_name == "update" and isinstance(frame.f_locals.get("self"), multi_steps):
+      raise ValueError(_MULTISTEPS_HELP)
+
+
+def missing_grad_fn_error() -> ValueError:
+  """The error for a call without ``grad_fn``, naming Flax's TrainState when it is the cause."""
+  for frame in _frames():
+    if (frame.f_code.co_name == "apply_gradients"
+        and "grad_fn" in (frame.f_locals.get("kwargs") or {})):
+      return ValueError(
+          "amp(): update() needs `grad_fn`, and you passed it to apply_gradients, but "
+          + _FLAX_TRAIN_STATE_HELP)
+  return ValueError(
+      "amp(): update() needs `grad_fn`, the gradient of the loss at other parameters.\n"
+      + GRAD_FN_HELP + "\nWith Flax Linen's TrainState use amp_optax.flax_linen.TrainState,"
+      " whose apply_gradients forwards grad_fn; with nnx.Optimizer pass it to"
+      " optimizer.update(model, grads, grad_fn=grad_fn).")
+
+
+def check_no_masked_nodes(params: Any) -> None:
+  masked_node = getattr(optax, "MaskedNode", None)
+  if masked_node is None:
+    return
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, masked_node))
+  if any(isinstance(x, masked_node) for x in leaves):
+    raise ValueError(_MASKED_HELP)
+
+
+def check_grad_fn_signature(grad_fn: Any) -> None:
+  """Raises a TypeError if ``grad_fn`` cannot be called as ``grad_fn(params, inner_step)``."""
+  if not callable(grad_fn):
+    raise TypeError(f"amp(): `grad_fn` must be callable, got {grad_fn!r}.\n" + GRAD_FN_HELP)
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):
+    return  # no signature to read (a builtin or C function): let the call decide.
+  try:
+    signature.bind(None, 0)
+  except TypeError as e:
+    raise TypeError(
+        f"amp(): grad_fn{signature} cannot be called as grad_fn(params, inner_step) ({e}).\n"
+        + GRAD_FN_HELP) from e
+
+
+def note_grad_fn_failure(error: BaseException) -> None:
+  """Adds to an exception raised inside ``grad_fn`` how ``amp`` called it (Python >= 3.11)."""
+  if hasattr(error, "add_note"):
+    error.add_note(
+        "(raised inside the grad_fn that amp_optax.amp called as grad_fn(perturbed_params, "
+        "inner_step), inner_step an int step index.)\n" + GRAD_FN_HELP)
+
+
+def check_leaves_match(what: str, leaves: list[Any], params: Any, fix: str) -> None:
+  """Shapes of ``leaves`` (flattened like ``params``) must equal the params' shapes."""
+  with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, param), leaf in zip(with_paths, leaves):
+    got, want = jax.numpy.shape(leaf), jax.numpy.shape(param)
+    if got != want:
+      raise ValueError(
+          f"amp(): {what} has shape {got} at params{jax.tree_util.keystr(path)}, where the "
+          f"parameter has shape {want}. {fix}")
