@@ -201,6 +201,25 @@ def amp(
   decay, momentum, learning-rate schedules) see the unperturbed parameters
   and the adversarial gradient.
 
+  Compositions:
+
+  * Gradient accumulation: ``optax.MultiSteps(optax.chain(amp(...), base))``
+    would ascend from the accumulated gradient but evaluate only the last
+    micro-batch's ``grad_fn``, so ``amp`` raises an error there. Per
+    micro-batch AMP is ``optax.chain(amp(...), optax.MultiSteps(base,
+    k).gradient_transformation())``; full-batch AMP computes the clean
+    gradient and ``grad_fn`` over all micro-batches (e.g. with
+    ``optax.microbatching.microbatch``) in one step, or marks such a
+    ``grad_fn`` with :func:`covers_accumulated_batch`.
+  * :func:`optax.masked`, :func:`optax.multi_transform`: put ``amp``
+    outside them and choose the perturbed parameters with ``mask``.
+  * :func:`optax.apply_if_finite` around the whole chain skips steps whose
+    clean gradient is not finite; only one inside, around the transforms
+    after ``amp``, also sees a non-finite gradient at the perturbed point.
+  * Low precision: the ascent (step, norms, projection) runs in at least
+    float32 and ``Delta`` is cast to each parameter's dtype when added, so
+    float16 parameters do not overflow on ``inner_lr * g``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
     >>> def loss_fn(params, x):
@@ -222,8 +241,8 @@ def amp(
     inner_lr: step size of the inner ascent, a float >= 0 or a schedule.
     inner_steps: number ``K`` of ascent steps, a Python int >= 0. ``K = 0``
       returns ``updates`` untouched and never calls ``grad_fn``. ``K > 1``
-      runs in a :func:`jax.lax.fori_loop`, so compile time does not grow
-      with ``K`` (see ``unroll``). Under :func:`optax.inject_hyperparams`
+      runs in a :func:`jax.lax.fori_loop`, unrolled or not as ``unroll``
+      says. Under :func:`optax.inject_hyperparams`
       list it in ``static_args``: ``inject_hyperparams(amp,
       static_args=("inner_steps",))``.
     norm: ``"per_tensor"`` bounds the L2 norm of each parameter array's
@@ -248,11 +267,12 @@ def amp(
       here is wrong, so either divide your loss by the axis size and leave
       this ``None``, or compute gradients of per-device losses.
     unroll: the ``unroll`` of the ``K > 1`` :func:`jax.lax.fori_loop`: an
-      int >= 1 or a bool (``True`` unrolls all ``K`` steps). The default
-      (``None``, i.e. 1) keeps one loop body, so compile time is flat in ``K``. On CPU pass
-      ``unroll=True``: XLA:CPU runs convolutions inside a loop body many
-      times slower than outside one (jax#12868; measured 10x and more on a
-      small CNN), while on GPU and TPU the loop costs little.
+      int >= 1 or a bool (``True`` unrolls all ``K`` steps). The default,
+      ``None``, decides by :func:`jax.default_backend` when the step is
+      traced: on CPU all ``K`` steps are unrolled, because XLA:CPU runs
+      convolutions inside a loop body many times slower than outside one
+      (jax#12868; measured 10x and more on a small CNN); on GPU and TPU one
+      loop body is kept (``1``), so compile time is flat in ``K``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes

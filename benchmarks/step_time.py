@@ -58,7 +58,9 @@ class Variant:
   method: str  # "erm", "amp" or "sam"
   inner_steps: int = 0
   norm: str | None = None
-  unroll: bool = False  # amp(unroll=True): the K inner steps unrolled, no lax loop
+  # amp(unroll=...): None is amp's backend default (unrolled on CPU, one loop body elsewhere);
+  # 1 forces the lax loop, True unrolls the K steps.
+  unroll: bool | int | None = None
 
   @property
   def grad_evals(self) -> int:
@@ -71,6 +73,8 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
   out = [Variant("ERM", "jax", "erm")]
   for norm in ("per_tensor", "global"):
     out += [Variant(f"AMP K={k} {norm}", "jax", "amp", k, norm) for k in inner_steps]
+  out += [Variant(f"AMP K={k} per_tensor loop", "jax", "amp", k, "per_tensor", 1)
+          for k in inner_steps if k > 1]
   out += [Variant(f"AMP K={k} per_tensor unroll", "jax", "amp", k, "per_tensor", True)
           for k in inner_steps if k > 1]
   out.append(Variant("SAM opaque (optax.contrib)", "jax", "sam"))
@@ -90,7 +94,7 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
   if variant.method == "amp":
     return optax.chain(
         amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
-                      unroll=variant.unroll or None), base)
+                      unroll=variant.unroll), base)
   adv = optax.chain(optax.contrib.normalize(), optax.sgd(hp.rho))
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
@@ -185,7 +189,7 @@ class TorchRunner:
 
 
 def compile_time(model: Any, variables: Any, x: jax.Array, y: jax.Array, k: int,
-                 hp: argparse.Namespace, unroll: bool = False) -> dict[str, float]:
+                 hp: argparse.Namespace, unroll: bool | int | None = None) -> dict[str, float]:
   """Seconds to trace + lower and to compile a fresh AMP (per-tensor) step with K = k."""
   variant = Variant(f"AMP K={k} per_tensor", "jax", "amp", k, "per_tensor", unroll)
   tx = make_optimizer(variant, hp)
@@ -288,10 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       runners.append(TorchRunner(v, copy.deepcopy(torch_model), xt, yt, args))
   times = time_runners(runners, args.iters, args.warmup, args.rounds, args.max_seconds)
   if jax.default_backend() == "cpu" and any(k > 1 for k in args.inner_steps):
-    notes.append("CPU: AMP with K >= 2 runs its inner steps in a lax.fori_loop, and XLA:CPU "
-                 "runs convolutions inside loops many times slower than outside them "
-                 "(https://github.com/jax-ml/jax/issues/12868); K = 1 has no loop, and the "
-                 "'unroll' rows (amp(..., unroll=True)) unroll the K steps.")
+    notes.append("CPU: XLA:CPU runs convolutions inside loops many times slower than outside "
+                 "them (https://github.com/jax-ml/jax/issues/12868). amp's default (unroll=None)"
+                 " unrolls the K >= 2 inner steps on CPU; the 'loop' rows force the "
+                 "lax.fori_loop (unroll=1, the default on GPU/TPU), the 'unroll' rows pass "
+                 "unroll=True. K = 1 has no loop.")
 
   results = []
   erm_ms = {}
@@ -331,9 +336,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   compile_rows = [{"method": "ERM", "inner_steps": 0, "trace_lower_s": runners[0].trace_lower_s,
                    "compile_s": runners[0].compile_s, "memory": erm_mem}]
-  for unroll in (False, True):
+  for unroll in (1, True):
     for k in args.compile_steps:
-      name = "AMP per_tensor unroll" if unroll else "AMP per_tensor"
+      name = "AMP per_tensor unroll" if unroll is True else "AMP per_tensor loop"
       compile_rows.append({"method": name, **compile_time(model, variables, x, y, k, args,
                                                            unroll)})
   for c in compile_rows:
