@@ -20,6 +20,8 @@ MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
 NORMS = ("per_tensor", "global")
+RADII = ("absolute", "relative")
+BETWEEN_ASCENTS = ("clean", "reuse")
 
 class AmpState(NamedTuple):
   """State of :func:`amp`: a step count and diagnostics of the last step.
@@ -32,13 +34,19 @@ class AmpState(NamedTuple):
     perturbed_grad_norm: global L2 norm of the returned gradient at
       ``params + Delta_K``.
 
-  With ``inner_steps=0`` only ``count`` advances; the diagnostics stay 0.
+    correction: with ``between_ascents="reuse"``, the difference between the
+      adversarial and the clean gradient at the last ascent step, one array
+      per floating parameter leaf; otherwise ``()``.
+
+  With ``inner_steps=0`` only ``count`` advances; the diagnostics stay 0. On
+  steps without an ascent (``ascent_every > 1``) ``delta_norm`` is 0.
   """
 
   count: jax.Array
   delta_norm: jax.Array
   clean_grad_norm: jax.Array
   perturbed_grad_norm: jax.Array
+  correction: Any = ()
 
 
 def _check_non_negative(name: str, value: Any) -> None:
@@ -66,21 +74,29 @@ def _check_non_negative(name: str, value: Any) -> None:
     )
 
 
-def _check_inner_steps(inner_steps: Any) -> int:
-  if isinstance(inner_steps, (bool, np.bool_)) or not isinstance(
-      inner_steps, numbers.Integral):
-    hint = ""
-    if isinstance(inner_steps, (jax.Array, np.ndarray)):
-      hint = (" Under optax.inject_hyperparams, mark it static: "
-              "inject_hyperparams(amp, static_args=('inner_steps',)).")
+def _check_static_int(name: str, value: Any, minimum: int, meaning: str, hint: str) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    static = ""
+    if isinstance(value, (jax.Array, np.ndarray)):
+      static = (" Under optax.inject_hyperparams, mark it static: "
+                f"inject_hyperparams(amp, static_args=('inner_steps', '{name}')).")
     raise TypeError(
-        "amp(): `inner_steps` must be a Python int >= 0 (the number K of "
-        f"ascent steps, fixed at trace time); got {inner_steps!r}." + hint)
-  if inner_steps < 0:
-    raise ValueError(
-        f"amp(): `inner_steps` must be >= 0, got {inner_steps}. Use 0 to "
-        "switch AMP off (the base optimiser's update, unchanged).")
-  return int(inner_steps)
+        f"amp(): `{name}` must be a Python int >= {minimum} ({meaning}, fixed at trace "
+        f"time); got {value!r}." + static)
+  if value < minimum:
+    raise ValueError(f"amp(): `{name}` must be >= {minimum}, got {value}. {hint}")
+  return int(value)
+
+
+def _check_inner_steps(inner_steps: Any) -> int:
+  return _check_static_int(
+      "inner_steps", inner_steps, 0, "the number K of ascent steps",
+      "Use 0 to switch AMP off (the base optimiser's update, unchanged).")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...], meaning: str) -> None:
+  if value not in choices:
+    raise ValueError(f"amp(): `{name}` must be one of {choices}, got {value!r}. {meaning}")
 
 
 def _value_at(value: ScalarOrSchedule, count: jax.Array) -> Any:
@@ -180,6 +196,9 @@ def amp(
     mask: MaskOrFn = None,
     batch_axis_name: str | None = None,
     unroll: int | bool | None = None,
+    radius: str = "absolute",
+    ascent_every: int | None = None,
+    between_ascents: str = "clean",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adversarial Model Perturbation: gradient at the worst point of a ball.
 
@@ -273,6 +292,24 @@ def amp(
       convolutions inside a loop body many times slower than outside one
       (jax#12868; measured 10x and more on a small CNN); on GPU and TPU one
       loop body is kept (``1``), so compile time is flat in ``K``.
+    radius: ``"absolute"`` (the paper's and the authors' setting): the ball's
+      radius is ``epsilon``. ``"relative"``: it is ``epsilon`` times the norm
+      of the parameters it bounds (each array's ``epsilon * ||theta_i||``
+      with ``norm="per_tensor"``, ``epsilon * ||theta||`` over the perturbed
+      parameters with ``norm="global"``), so ``epsilon`` is a fraction that
+      means the same for small and large tensors and models. A zero
+      parameter array is not perturbed per tensor.
+    ascent_every: ascend on every ``k``-th step only (steps 0, k, 2k, ...),
+      and return the clean gradient (see ``between_ascents``) on the others,
+      where ``grad_fn`` is not called: a step then costs ``1 + K / k``
+      gradient evaluations on average. ``None`` (the default) means 1. A
+      :func:`jax.lax.cond` chooses the branch; under :func:`jax.vmap` it
+      becomes a select and both run.
+    between_ascents: with ``ascent_every > 1``, what steps without an ascent
+      return: ``"clean"``, the clean gradient; ``"reuse"``, the clean
+      gradient plus the last ascent step's correction (its adversarial minus
+      its clean gradient, kept in the state: one buffer the size of the
+      parameters), after LookSAM's reuse of SAM's direction.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -291,11 +328,24 @@ def amp(
   _check_non_negative("epsilon", epsilon)
   _check_non_negative("inner_lr", inner_lr)
   num_steps = _check_inner_steps(inner_steps)
-  if norm not in NORMS:
+  _check_choice("norm", norm, NORMS,
+                "'per_tensor' bounds each parameter array (the authors' code); "
+                "'global' bounds all parameters together (the paper's formula).")
+  _check_choice("radius", radius, RADII,
+                "'absolute': the ball's radius is epsilon; 'relative': epsilon times the norm "
+                "of the parameters it bounds.")
+  _check_choice("between_ascents", between_ascents, BETWEEN_ASCENTS,
+                "'clean' returns the clean gradient on steps without an ascent; 'reuse' adds "
+                "the last ascent's correction to it.")
+  # None (not 1) by default, so that optax.inject_hyperparams leaves it static.
+  every = 1 if ascent_every is None else _check_static_int(
+      "ascent_every", ascent_every, 1, "ascend on every k-th step",
+      "Use 1 to ascend on every step, inner_steps=0 never to.")
+  reuse = between_ascents == "reuse"
+  if reuse and every == 1:
     raise ValueError(
-        f"amp(): `norm` must be one of {NORMS}, got {norm!r}. "
-        "'per_tensor' bounds each parameter array (the authors' code); "
-        "'global' bounds all parameters together (the paper's formula).")
+        "amp(): between_ascents='reuse' needs ascent_every > 1 (with ascent_every=1 every "
+        "step ascends and there is nothing to reuse).")
   if isinstance(unroll, (bool, np.bool_)):
     unroll = bool(unroll)
   elif isinstance(unroll, (jax.Array, np.ndarray)):
@@ -322,8 +372,11 @@ def amp(
   def init_fn(params: optax.Params) -> AmpState:
     _mask_leaves(mask, params)  # structure errors at init, not at step 1.
     zero = jnp.zeros((), jnp.float32)
+    correction = ()
+    if reuse and num_steps > 0:
+      correction = tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params) if _perturbable(p))
     return AmpState(count=jnp.zeros((), jnp.int32), delta_norm=zero,
-                    clean_grad_norm=zero, perturbed_grad_norm=zero)
+                    clean_grad_norm=zero, perturbed_grad_norm=zero, correction=correction)
 
   def update_fn(
       updates: optax.Updates,
@@ -366,11 +419,18 @@ def amp(
               for m, p in zip(_mask_leaves(mask, params), param_leaves)]
     idx = [i for i, c in enumerate(chosen) if c]
 
+    if radius == "absolute":
+      ball = eps
+    elif norm == "per_tensor":
+      ball = [eps * _projection.l2_norm(param_leaves[i]) for i in idx]
+    else:
+      ball = eps * _projection.global_l2_norm([param_leaves[i] for i in idx])
+
     def ascend(delta, grad_leaves):
       # In at least float32 (Delta is carried so): an fp16 step inner_lr * g may overflow
       # before the projection brings it back into the ball.
       stepped = [d + lr * grad_leaves[i].astype(d.dtype) for d, i in zip(delta, idx)]
-      return project(stepped, eps)
+      return project(stepped, ball)
 
     def perturbed_grad(delta, step):
       leaves = list(param_leaves)
@@ -403,21 +463,45 @@ def amp(
       delta = ascend(delta, grad_leaves)
       return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
 
-    delta0 = [jnp.zeros(param_leaves[i].shape, _projection.accumulation_dtype(
-        param_leaves[i].dtype)) for i in idx]
     first = [jnp.asarray(u) for u in update_leaves]
-    if num_steps == 1:
-      delta, grad_leaves = body(0, (delta0, first))
+    inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
+
+    def with_ascent():
+      delta0 = [jnp.zeros(param_leaves[i].shape, _projection.accumulation_dtype(
+          param_leaves[i].dtype)) for i in idx]
+      if num_steps == 1:
+        delta, grad_leaves = body(0, (delta0, first))
+      else:
+        delta, grad_leaves = jax.lax.fori_loop(
+            0, num_steps, body, (delta0, first), unroll=_resolve_unroll(unroll))
+      correction = state.correction
+      if reuse:
+        correction = tuple(grad_leaves[i] - first[i] for i in inexact)
+      delta_norm = _projection.global_l2_norm(delta).astype(jnp.float32)
+      return grad_leaves, delta_norm, correction
+
+    def without_ascent():
+      grad_leaves = list(first)
+      if reuse:
+        for i, c in zip(inexact, state.correction):
+          grad_leaves[i] = grad_leaves[i] + c.astype(grad_leaves[i].dtype)
+      return grad_leaves, jnp.zeros((), jnp.float32), state.correction
+
+    if every == 1:
+      grad_leaves, delta_norm, correction = with_ascent()
     else:
-      delta, grad_leaves = jax.lax.fori_loop(
-          0, num_steps, body, (delta0, first), unroll=_resolve_unroll(unroll))
+      # Only the taken branch runs (grad_fn is called on ascent steps only), except under
+      # vmap, where lax.cond becomes a select that evaluates both.
+      grad_leaves, delta_norm, correction = jax.lax.cond(
+          state.count % every == 0, with_ascent, without_ascent)
 
     new_updates = jax.tree.unflatten(treedef, grad_leaves)
     new_state = AmpState(
         count=count,
-        delta_norm=_projection.global_l2_norm(delta).astype(jnp.float32),
+        delta_norm=delta_norm,
         clean_grad_norm=_inexact_norm(update_leaves),
         perturbed_grad_norm=_inexact_norm(grad_leaves),
+        correction=correction,
     )
     return new_updates, new_state
 

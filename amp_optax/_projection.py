@@ -45,23 +45,28 @@ def global_l2_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(s.astype(dtype) for s in squares))
 
 
-def project_per_tensor(tree: Any, radius: Scalar) -> Any:
+def project_per_tensor(tree: Any, radius: Any) -> Any:
   """Projects each leaf of ``tree`` onto the L2 ball of ``radius``.
 
-  A leaf whose norm is at most ``radius`` is returned unchanged; a longer one
-  is rescaled to norm ``radius``. Zero leaves stay zero (no division by 0).
+  A leaf whose norm is at most its radius is returned unchanged; a longer one
+  is rescaled to norm equal to the radius. Zero leaves stay zero (no division
+  by 0).
 
   Args:
     tree: a pytree of floating arrays.
-    radius: the ball radius, a non-negative scalar.
+    radius: the ball radius, a non-negative scalar shared by all leaves, or a
+      pytree with the structure of ``tree`` holding one scalar radius per
+      leaf.
 
   Returns:
-    A pytree like ``tree``, each leaf's norm at most ``radius``.
+    A pytree like ``tree``, each leaf's norm at most its radius.
   """
-  def project(x):
-    scale = _ball_scale(l2_norm(x), radius)
+  def project(x, r):
+    scale = _ball_scale(l2_norm(x), r)
     return (x * scale.astype(x.dtype)).astype(x.dtype)
-  return jax.tree.map(project, tree)
+  if jax.tree.structure(radius) == jax.tree.structure(tree) and jax.tree.leaves(tree):
+    return jax.tree.map(project, tree, radius)
+  return jax.tree.map(lambda x: project(x, radius), tree)
 
 
 def project_global(tree: Any, radius: Scalar) -> Any:

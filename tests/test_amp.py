@@ -405,8 +405,9 @@ def test_state_is_a_namedtuple_of_scalars():
   state = amp_optax.amp(0.5).init(params)
   assert isinstance(state, amp_optax.AmpState)
   assert state._fields[0] == "count"
-  for leaf in state:
+  for leaf in jax.tree.leaves(state):  # no parameter-sized buffer unless asked for
     assert leaf.shape == ()
+  assert state.correction == ()
 
 
 def test_diagnostics_in_state():
@@ -666,3 +667,68 @@ def test_injected_callable_mask_without_static_args_says_what_to_do():
       epsilon=0.5, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(
       _run_update(tx, params, batch)))
+
+
+# ------------------------------------------- relative radius and the cheaper step (issue 10)
+
+
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+def test_relative_radius_scales_with_the_parameters(norm):
+  params = mlp_params()
+  params["dense"]["bias"] = jnp.zeros((7,))  # a zero tensor has a zero relative ball
+  grads = jax.tree.map(lambda p: 3.0 * jnp.ones_like(p), params)
+  eps = 1e-3  # small: the ascent reaches the sphere
+  tx = amp_optax.amp(eps, norm=norm, radius="relative")
+  # delta_probe returns the perturbation itself (p - params, up to float32 rounding).
+  delta, _ = tx.update(grads, tx.init(params), params, grad_fn=delta_probe(params))
+  if norm == "per_tensor":
+    for d, p in zip(jax.tree.leaves(delta), jax.tree.leaves(params)):
+      np.testing.assert_allclose(
+          float(jnp.linalg.norm(jnp.ravel(d))), eps * float(jnp.linalg.norm(jnp.ravel(p))),
+          rtol=1e-3, atol=1e-9)
+    assert float(jnp.max(jnp.abs(delta["dense"]["bias"]))) == 0.0
+  else:
+    want = eps * float(amp_optax.global_l2_norm(params))
+    assert float(amp_optax.global_l2_norm(delta)) == pytest.approx(want, rel=1e-3)
+
+
+def test_ascent_every_calls_grad_fn_only_on_ascent_steps():
+  params, batch = mlp_params(), make_batch()
+  calls = []
+
+  def grad_fn(p, _):
+    jax.debug.callback(lambda: calls.append(1))
+    return jax.grad(mlp_loss)(p, batch)
+
+  tx = amp_optax.amp(0.1, ascent_every=3)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+  state = tx.init(params)
+  grads = jax.grad(mlp_loss)(params, batch)
+  for t in range(7):
+    updates, state = step(grads, state, params)
+    jax.block_until_ready(updates)
+    ascended = t % 3 == 0
+    assert len(calls) == 1 + t // 3, t
+    assert (float(state.delta_norm) > 0) == ascended
+    if not ascended:
+      chex.assert_trees_all_equal(updates, grads)  # the clean gradient
+
+
+def test_reuse_keeps_one_correction_per_float_leaf():
+  params = mlp_params()
+  params["step"] = jnp.zeros((), jnp.int32)
+  state = amp_optax.amp(0.1, ascent_every=2, between_ascents="reuse").init(params)
+  assert [c.shape for c in state.correction] == [
+      p.shape for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)]
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(radius="rel"), ValueError),
+    (dict(ascent_every=0), ValueError),
+    (dict(ascent_every=2.0), TypeError),
+    (dict(between_ascents="last"), ValueError),
+    (dict(between_ascents="reuse"), ValueError),  # nothing to reuse when every step ascends
+])
+def test_bad_cheap_step_or_radius_arguments_fail_at_construction(kwargs, error):
+  with pytest.raises(error, match=next(iter(kwargs))):
+    amp_optax.amp(0.5, **kwargs)

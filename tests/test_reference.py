@@ -143,3 +143,115 @@ def test_projection_is_active_in_reference_problem(x64):
   params, x, y = make_problem()
   _, g = np_loss_and_grad(params, x, y)
   assert min(np.sqrt(np.sum(v**2)) for v in g.values()) * 0.7 > 0.05
+
+
+# ------------------------------------------- relative radius and the cheaper step (issue 10)
+
+
+def np_radii(params, eps, norm, radius):
+  """The ball: one radius per tensor (per_tensor) or one for all (global)."""
+  if radius == "absolute":
+    return eps
+  if norm == "per_tensor":
+    return {k: eps * np.sqrt(np.sum(v**2)) for k, v in params.items()}
+  return eps * np.sqrt(sum(np.sum(v**2) for v in params.values()))
+
+
+def np_project_radii(delta, radii, norm):
+  if norm == "per_tensor":
+    out = {}
+    for k, d in delta.items():
+      r = radii[k] if isinstance(radii, dict) else radii
+      n = np.sqrt(np.sum(d**2))
+      out[k] = d * (r / n) if n > r else d
+    return out
+  return np_project(delta, radii, "global")
+
+
+def np_amp_sgd_general(params, x, y, *, steps, eps, inner_lr, k_steps, norm, radius, every,
+                       reuse, lr, momentum):
+  """SGD + momentum on AMP gradients; ascent on every ``every``-th step only.
+
+  Between ascents the clean gradient is used, plus (``reuse``) the last ascent step's
+  adversarial-minus-clean gradient.
+  """
+  params = {k: v.copy() for k, v in params.items()}
+  buf = {k: np.zeros_like(v) for k, v in params.items()}
+  correction = {k: np.zeros_like(v) for k, v in params.items()}
+  history = []
+  for t in range(steps):
+    _, clean = np_loss_and_grad(params, x, y)
+    if t % every == 0:
+      radii = np_radii(params, eps, norm, radius)
+      g = clean
+      delta = {k: np.zeros_like(v) for k, v in params.items()}
+      for _ in range(k_steps):
+        delta = np_project_radii({k: delta[k] + inner_lr * g[k] for k in delta}, radii, norm)
+        _, g = np_loss_and_grad({k: params[k] + delta[k] for k in params}, x, y)
+      correction = {k: g[k] - clean[k] for k in params}
+    else:
+      g = {k: clean[k] + (correction[k] if reuse else 0.0) for k in params}
+    for k in params:
+      buf[k] = momentum * buf[k] + g[k]
+      params[k] = params[k] - lr * buf[k]
+    history.append({k: v.copy() for k, v in params.items()})
+  return history
+
+
+def jax_amp_sgd_general(params, x, y, *, steps, lr, momentum, **amp_kwargs):
+  tx = optax.chain(amp_optax.amp(**amp_kwargs), optax.sgd(lr, momentum=momentum))
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(jax_loss)(params, x, y)
+    updates, opt_state = tx.update(
+        grads, opt_state, params, grad_fn=jax.grad(lambda p, _: jax_loss(p, x, y)))
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  history = []
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state)
+    history.append(params)
+  return history
+
+
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+@pytest.mark.parametrize("k_steps", [1, 2])
+def test_relative_radius_matches_float64_reference(x64, norm, k_steps):
+  params, x, y = make_problem()
+  params["b1"] = np.zeros_like(params["b1"])  # a zero tensor: radius 0 per tensor
+  hp = dict(steps=5, eps=0.05, inner_lr=0.7, k_steps=k_steps, norm=norm, lr=0.1, momentum=0.9)
+  want = np_amp_sgd_general(params, x, y, radius="relative", every=1, reuse=False, **hp)
+  got = jax_amp_sgd_general(
+      jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(y), steps=5, lr=0.1,
+      momentum=0.9, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps, norm=norm,
+      radius="relative")
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=1e-10, atol=1e-12)
+  # Guard: the relative ball is not the absolute one of the same epsilon.
+  absolute = np_amp_sgd_general(params, x, y, radius="absolute", every=1, reuse=False, **hp)
+  assert max(np.max(np.abs(absolute[-1][k] - want[-1][k])) for k in params) > 1e-6
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("k_steps", [1, 2])
+def test_ascent_every_matches_float64_reference(x64, reuse, k_steps):
+  params, x, y = make_problem()
+  hp = dict(steps=7, eps=0.05, inner_lr=0.7, k_steps=k_steps, norm="per_tensor", lr=0.1,
+            momentum=0.9)
+  want = np_amp_sgd_general(params, x, y, radius="absolute", every=3, reuse=reuse, **hp)
+  got = jax_amp_sgd_general(
+      jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(y), steps=7, lr=0.1,
+      momentum=0.9, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps, ascent_every=3,
+      between_ascents="reuse" if reuse else "clean")
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=1e-10, atol=1e-12)
+  # Guards: not AMP on every step, and (for reuse) not the plain clean gradient in between.
+  every_step = np_amp_sgd_general(params, x, y, radius="absolute", every=1, reuse=False, **hp)
+  assert max(np.max(np.abs(every_step[-1][k] - want[-1][k])) for k in params) > 1e-8
+  if reuse:
+    clean = np_amp_sgd_general(params, x, y, radius="absolute", every=3, reuse=False, **hp)
+    assert max(np.max(np.abs(clean[-1][k] - want[-1][k])) for k in params) > 1e-8
