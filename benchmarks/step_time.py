@@ -61,11 +61,15 @@ class Variant:
   # amp(unroll=...): None is amp's backend default (unrolled on CPU, one loop body elsewhere);
   # 1 forces the lax loop, True unrolls the K steps.
   unroll: bool | int | None = None
+  # amp(ascent_every=..., between_ascents=...): the cheaper step, an ascent every k-th step.
+  ascent_every: int | None = None
+  between_ascents: str = "clean"
 
   @property
-  def grad_evals(self) -> int:
-    """Forward-backward passes per step."""
-    return {"erm": 1, "amp": 1 + self.inner_steps, "sam": 2}[self.method]
+  def grad_evals(self) -> float:
+    """Forward-backward passes per step (on average over ``ascent_every`` steps)."""
+    every = self.ascent_every or 1
+    return {"erm": 1, "amp": 1 + self.inner_steps / every, "sam": 2}[self.method]
 
 
 def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
@@ -78,6 +82,9 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
   out += [Variant(f"AMP K={k} per_tensor unroll", "jax", "amp", k, "per_tensor", True)
           for k in inner_steps if k > 1]
   out.append(Variant("SAM opaque (optax.contrib)", "jax", "sam"))
+  out += [Variant(f"AMP K=1 per_tensor every {every} {between}", "jax", "amp", 1, "per_tensor",
+                  ascent_every=every, between_ascents=between)
+          for every in (2, 4) for between in ("clean", "reuse")]
   if with_torch:
     out.append(Variant("ERM", "torch", "erm"))
     out += [Variant(f"AMP K={k} per_tensor", "torch", "amp", k, "per_tensor")
@@ -94,7 +101,8 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
   if variant.method == "amp":
     return optax.chain(
         amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
-                      unroll=variant.unroll), base)
+                      unroll=variant.unroll, ascent_every=variant.ascent_every,
+                      between_ascents=variant.between_ascents), base)
   adv = optax.chain(optax.contrib.normalize(), optax.sgd(hp.rho))
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
@@ -384,26 +392,26 @@ def format_report(out: dict[str, Any]) -> str:
       f" s per row) after {out['timing']['warmup']} warm-up, {out['timing']['rounds']} "
       "interleaved rounds",
       "",
-      f"{'step':<30} {'fw':<6} {'grads':>5} {'calls':>5} {'ms/step':>10} {'p10-p90 ms':>17} "
+      f"{'step':<34} {'fw':<6} {'grads':>5} {'calls':>5} {'ms/step':>10} {'p10-p90 ms':>17} "
       f"{'x ERM':>7} {'x jax ERM':>10}",
   ]
   for r in out["rows"]:
     lines.append(
-        f"{r['name']:<30} {r['framework']:<6} {r['grad_evals']:>5} {r['calls']:>5} "
+        f"{r['name']:<34} {r['framework']:<6} {r['grad_evals']:>5g} {r['calls']:>5} "
         f"{r['ms_median']:>10.2f} "
         f"{r['ms_p10']:>8.2f}-{r['ms_p90']:<8.2f} {r['ratio_vs_erm']:>7.2f} "
         f"{r['ratio_vs_jax_erm']:>10.2f}")
   lines += ["", "memory (compiled step: argument + output + temp - aliased), vs ERM, in units of "
             f"parameter bytes ({out['param_bytes']:,} B)"]
-  lines.append(f"{'step':<30} {'footprint MiB':>14} {'temp MiB':>10} {'extra':>8} "
+  lines.append(f"{'step':<34} {'footprint MiB':>14} {'temp MiB':>10} {'extra':>8} "
                f"{'extra temp':>11}")
   for m in out["memory"]:
     s = m["stats"]
     if s is None:
-      lines.append(f"{m['name']:<30} {'n/a':>14}")
+      lines.append(f"{m['name']:<34} {'n/a':>14}")
       continue
     lines.append(
-        f"{m['name']:<30} {s['footprint_bytes'] / 2**20:>14.2f} "
+        f"{m['name']:<34} {s['footprint_bytes'] / 2**20:>14.2f} "
         f"{s['temp_size_in_bytes'] / 2**20:>10.2f} "
         f"{m.get('extra_footprint_param_units', float('nan')):>8.2f} "
         f"{m.get('extra_temp_param_units', float('nan')):>11.2f}")
