@@ -243,7 +243,7 @@ def amp(
     >>> import jax, jax.numpy as jnp, optax, amp_optax
     >>> def loss_fn(params, x):
     ...   return jnp.sum((params["w"] * x - 1.0) ** 2)
-    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> params = {"w": jnp.array([2.0, 1.0])}
     >>> x = jnp.array([1.0, 0.5])
     >>> tx = optax.chain(amp_optax.amp(epsilon=0.5), optax.sgd(0.1))
     >>> opt_state = tx.init(params)
@@ -252,6 +252,9 @@ def amp(
     ...     grads, opt_state, params,
     ...     grad_fn=jax.grad(lambda p, _: loss_fn(p, x)))
     >>> params = optax.apply_updates(params, updates)
+    >>> amp_state = opt_state[0]  # AmpState: amp is first in the chain
+    >>> print(int(amp_state.count), round(float(amp_state.delta_norm), 3))
+    1 0.5
 
   Args:
     epsilon: radius of the perturbation ball, a float >= 0 or an optax
