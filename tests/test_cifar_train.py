@@ -17,13 +17,18 @@ import optax
 import pytest
 
 import amp_optax
+from examples.cifar import config
 from examples.cifar import data
+from examples.cifar import main as cifar_main
 from examples.cifar import models
 from examples.cifar import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_PY = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar-10-jpeg", "build.py")
 TIME_KEYS = ("epoch_time", "eval_time", "compile_time")
+# A run of a few seconds: 2 steps of 32 images, 32 test images, one device.
+TINY_FLAGS = ("--quick", "--epochs", "1", "--batch-size", "32", "--train-size", "64",
+              "--test-size", "32", "--num-devices", "1", "--no-progress")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -227,17 +232,69 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_cli_erm_and_help(tmp_path, capsys):
-  metrics = train.main(["--quick", "--optimizer", "erm", "--epochs", "1", "--batch-size", "32",
-                        "--train-size", "256", "--test-size", "96", "--num-devices", "1",
-                        "--no-progress", "--out-dir", str(tmp_path)])
+  metrics = cifar_main.main(["--quick", "--optimizer", "erm", "--epochs", "1", "--batch-size",
+                             "32", "--train-size", "256", "--test-size", "96", "--num-devices",
+                             "1", "--no-progress", "--no-plot", "--out-dir", str(tmp_path)])
   assert metrics["epoch"] == 1 and 0 <= metrics["test_acc"] <= 1
   assert "amp_delta_norm" not in metrics
-  assert "final: test acc" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "final: test acc" in out
+  assert f"wrote config.json, metrics.jsonl, checkpoints/ in run directory {tmp_path}" in out
+  assert not os.path.exists(tmp_path / "curves.png")  # --no-plot
   with pytest.raises(SystemExit):
-    train.main(["--help"])
+    cifar_main.main(["--help"])
   out = capsys.readouterr().out
   for flag in ("--optimizer", "--epsilon", "--inner-steps", "--norm", "--resume", "--quick"):
     assert flag in out
+
+
+def _subprocess_env():
+  # Without PYTHONPATH, so that only the script's own set-up can make `examples` importable.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  return {**env, "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.mark.parametrize("form", ["script", "module"])
+def test_cli_forms_print_run_directory(form, tmp_path):
+  """`python examples/cifar/train.py` (from any folder) and `python -m examples.cifar.train`
+  (from the repository root) both train, and print the run directory at the start and the end;
+  the files the last line names are in that directory."""
+  out_dir = tmp_path / "run"
+  if form == "script":
+    command = [sys.executable, os.path.join(REPO, "examples", "cifar", "train.py")]
+    cwd = tmp_path  # not the repository root: the script must not rely on it
+  else:
+    command, cwd = [sys.executable, "-m", "examples.cifar.train"], REPO
+  proc = subprocess.run([*command, *TINY_FLAGS, "--out-dir", str(out_dir)], cwd=cwd,
+                        capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0] == f"run directory: {out_dir}", proc.stdout
+  last = [ln for ln in lines if ln.startswith("wrote ")]
+  assert len(last) == 1 and last[0].endswith(f" in run directory {out_dir}"), proc.stdout
+  named = last[0][len("wrote "):-len(f" in run directory {out_dir}")].split(", ")
+  assert named == ["config.json", "metrics.jsonl", "curves.png", "checkpoints/"]
+  assert sorted(os.listdir(out_dir)) == ["checkpoints", "config.json", "curves.png",
+                                         "metrics.jsonl"]
+  assert lines[-1].startswith("final: test acc"), proc.stdout
+
+
+def test_help_is_plain_text():
+  """`--help` (the text a user reads in a terminal) has no reStructuredText markup."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "cifar", "train.py"),
+                         "--help"], capture_output=True, text=True, env=_subprocess_env(),
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  for markup in ("``", "::", ":func:", ":mod:", ":class:"):
+    assert markup not in proc.stdout, f"{markup!r} in --help:\n{proc.stdout}"
+  for text in ("--quick", "--data-dir", "run directory", "cifar-10-batches-py",
+               "https://www.cs.toronto.edu/~kriz/cifar.html"):
+    assert text in proc.stdout, text
+
+
+def test_split_modules_share_one_config():
+  """train.py re-exports the settings that benchmarks import from it."""
+  assert train.Config is config.Config and train.ConfigError is config.ConfigError
 
 
 def test_sam_runs(tmp_path):

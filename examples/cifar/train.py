@@ -1,13 +1,10 @@
-"""Train a CIFAR classifier with ERM, AMP or SAM (JAX, Flax Linen, Optax).
+"""The CIFAR training step and loop: ERM, AMP or SAM (JAX, Flax Linen, Optax).
 
-Examples (from the repository root)::
+Run it from the repository root, as a script or as a module (the command line is in
+:mod:`examples.cifar.main`; ``--help`` lists every flag)::
 
-    python -m examples.cifar.train --quick                      # ~1 min on CPU, no download
-    python -m examples.cifar.train --quick --optimizer erm      # the same without AMP
-    python -m examples.cifar.train --data-dir DATA              # the paper's recipe: AMP,
-                                                                # PreActResNet18, 200 epochs
-    python -m examples.cifar.train --data-dir DATA --optimizer sam --rho 0.05
-    python -m examples.cifar.train --data-dir DATA --out-dir runs/x --resume   # continue a run
+    python examples/cifar/train.py --quick            # under a minute on CPU, synthetic data
+    python -m examples.cifar.train --data-dir DATA    # the paper's recipe
 
 The recipe follows Zheng et al. (CVPR 2021): SGD with Nesterov momentum 0.9, learning rate 0.1
 divided by 10 at 50% and 75% of the epochs, weight decay 5e-4, batch size 50, random crop and
@@ -23,26 +20,29 @@ match a single device up to float rounding. Everything random derives from ``--s
 epoch number, so ``--resume`` from the per-epoch checkpoint continues exactly as an
 uninterrupted run would.
 
-Outputs in ``--out-dir``: ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
-``curves.png`` and ``checkpoints/`` (Orbax).
+The example is split as Flax's ``examples/imagenet``: :mod:`examples.cifar.config` (settings),
+:mod:`examples.cifar.main` (command line), this module (step and loop),
+:mod:`examples.cifar.run_dir` (what a run writes), :mod:`examples.cifar.models` and
+:mod:`examples.cifar.data`.
 
 Reusable pieces (for benchmarks): :func:`make_optimizer`, :func:`make_lr_schedule`,
 :func:`init_train_state`, :func:`make_train_step`, :func:`make_eval_step`,
-:func:`make_data_mesh`; the models are in :mod:`examples.cifar.models`.
+:func:`make_data_mesh`, :func:`train`.
 """
 
-import argparse
 from collections.abc import Callable
 from collections.abc import Sequence
-import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Any
 from typing import NamedTuple
+
+if __name__ == "__main__" and not __package__:
+  # Run as a script (python examples/cifar/train.py): put the repository root on the path, as
+  # `python -m examples.cifar.train` does, so that `examples.cifar` can be imported.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp
@@ -54,95 +54,18 @@ import optax
 import amp_optax
 from examples.cifar import data as cifar_data
 from examples.cifar import models
+from examples.cifar import run_dir
+from examples.cifar.config import NORMS  # noqa: F401  (re-exported)
+from examples.cifar.config import OPTIMIZERS
+from examples.cifar.config import Config
+from examples.cifar.config import ConfigError
+from examples.cifar.run_dir import plot_curves  # noqa: F401  (re-exported)
 
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]
 TrainStep = Callable[[Any, Any, Any, Batch, jax.Array], tuple[Any, Any, Any, Metrics]]
 
-OPTIMIZERS = ("erm", "amp", "sam")
-NORMS = ("per_tensor", "global")
 DATA_AXIS = "batch"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration.
-
-
-class ConfigError(ValueError):
-  """Settings that cannot work together (reported without a traceback on the command line)."""
-
-
-@dataclasses.dataclass
-class Config:
-  """Everything a run depends on. ``None`` fields take the defaults of the mode (see
-  :meth:`resolved`): the paper's recipe, or a small CPU-sized run with ``quick=True``."""
-
-  optimizer: str = "amp"
-  model: str | None = None  # preactresnet18; tiny_cnn with quick
-  dataset: str = "cifar10"
-  data_dir: str | None = None  # None with quick: a synthetic in-memory dataset
-  epochs: int | None = None  # 200; 4 with quick
-  batch_size: int | None = None  # 50; 64 with quick
-  lr: float = 0.1
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  epsilon: float = 0.5
-  inner_lr: float = 1.0
-  inner_steps: int = 1
-  norm: str = "per_tensor"
-  rho: float = 0.05
-  augment: bool = True
-  cutout: int = 0
-  train_size: int | None = None  # all; quick: 2048 synthetic or the first 5000 real images
-  test_size: int | None = None  # all; quick: 512 synthetic or the first 1000 real images
-  dtype: str = "float32"
-  seed: int = 0
-  out_dir: str | None = None
-  resume: bool = False
-  overwrite: bool = False
-  stop_after: int | None = None
-  num_devices: int | None = None  # all local devices
-  eval_batch_size: int = 500
-  quick: bool = False
-  checkpoint: bool = True
-  plot: bool = True
-  progress: bool = True
-  verbose: bool = True
-
-  def resolved(self) -> "Config":
-    """A copy with every ``None`` default filled in for the mode; validates the values."""
-    c = dataclasses.replace(self)
-    if c.model is None:
-      c.model = "tiny_cnn" if c.quick else "preactresnet18"
-    if c.epochs is None:
-      c.epochs = 4 if c.quick else 200
-    if c.batch_size is None:
-      c.batch_size = 64 if c.quick else 50
-    if c.quick and c.train_size is None:
-      c.train_size = 2048 if c.data_dir is None else 5000
-    if c.quick and c.test_size is None:
-      c.test_size = 512 if c.data_dir is None else 1000
-    if c.out_dir is None:
-      suffix = "-quick" if c.quick else ""
-      c.out_dir = os.path.join(
-          "runs", "cifar", f"{c.dataset}-{c.model}-{c.optimizer}-s{c.seed}{suffix}")
-    if c.optimizer not in OPTIMIZERS:
-      raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
-    if c.dataset not in cifar_data.NUM_CLASSES:
-      raise ConfigError(f"dataset must be cifar10 or cifar100, got {c.dataset!r}")
-    if c.data_dir is None and not c.quick:
-      raise ConfigError("--data-dir is required without --quick (--quick alone trains on a "
-                       "synthetic dataset).")
-    if c.epochs < 1 or c.batch_size < 1:
-      raise ConfigError("epochs and batch size must be >= 1")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
-      raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
-    return c
-
-
-# Fields that may differ between a run and its --resume without changing the result.
-_RESUME_FREE = ("data_dir", "out_dir", "resume", "overwrite", "stop_after", "num_devices",
-                "eval_batch_size", "checkpoint", "plot", "progress", "verbose")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,98 +285,18 @@ def _log(c: Config, msg: str) -> None:
     print(msg, flush=True)
 
 
-def _holds_run(c: Config) -> bool:
-  return any(os.path.exists(os.path.join(c.out_dir, f)) for f in ("metrics.jsonl", "checkpoints"))
-
-
-def _check_out_dir(c: Config) -> None:
-  """Raises, before anything is written, if ``out_dir`` cannot be used as asked."""
-  if _holds_run(c) and not c.resume and not c.overwrite:
-    raise FileExistsError(f"{c.out_dir} already holds a run. Pass --resume to continue it, "
-                          "--overwrite to start it afresh, or choose another --out-dir.")
-  if c.resume:
-    _check_resume_config(c)
-
-
-def _prepare_out_dir(c: Config) -> None:
-  """Clears an overwritten run, creates ``out_dir`` and writes ``config.json``."""
-  if not c.resume:
-    for f in ("metrics.jsonl", "config.json", "curves.png"):
-      if os.path.exists(os.path.join(c.out_dir, f)):
-        os.remove(os.path.join(c.out_dir, f))
-    shutil.rmtree(os.path.join(c.out_dir, "checkpoints"), ignore_errors=True)
-  os.makedirs(c.out_dir, exist_ok=True)
-  with open(os.path.join(c.out_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(c), f, indent=2)
-
-
-def _check_resume_config(c: Config) -> None:
-  path = os.path.join(c.out_dir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  now = dataclasses.asdict(c)
-  diff = [f"  {k}: saved {saved[k]!r}, now {v!r}" for k, v in now.items()
-          if k not in _RESUME_FREE and k in saved and saved[k] != v]
-  if diff:
-    raise ConfigError(f"--resume with settings that differ from the run in {c.out_dir}:\n"
-                      + "\n".join(diff)
-                      + "\nResume with the same settings, or start a new --out-dir.")
-
-
-def _read_history(path: str, up_to_epoch: int) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if r["epoch"] <= up_to_epoch]
-
-
-def _write_history(path: str, history: list[dict[str, Any]]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for row in history:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
-
-
-def plot_curves(history: list[dict[str, Any]], path: str, title: str = "") -> None:
-  """Saves loss and accuracy curves (train and test per epoch) as a PNG."""
-  from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
-
-  epochs = [r["epoch"] for r in history]
-  fig = Figure(figsize=(10, 4), layout="constrained")
-  ax_loss, ax_acc = fig.subplots(1, 2)
-  for split in ("train", "test"):
-    ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker=".", label=split)
-    ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker=".", label=split)
-  ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-  ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-  for ax in (ax_loss, ax_acc):
-    ax.grid(alpha=0.3)
-    ax.legend()
-  if title:
-    fig.suptitle(title)
-  fig.savefig(path, dpi=100)
-
-
-def _checkpoint_manager(c: Config) -> Any:
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(c.out_dir, "checkpoints")),
-                               options=options)
-
-
 def train(config: Config) -> TrainResult:
   """Runs (or resumes) training as ``config`` says; writes metrics, plot and checkpoints.
+
+  The outputs go to the run directory ``config.out_dir`` (see :mod:`examples.cifar.run_dir`);
+  with ``config.verbose`` its absolute path is printed when the run starts and, with the list
+  of what was written there, when it ends.
 
   Returns:
     A :class:`TrainResult`; ``history[-1]`` holds the final metrics.
   """
   c = config.resolved()
-  _check_out_dir(c)
+  run_dir.check_out_dir(c)
   ds = _load_data(c)
   mesh = make_data_mesh(c.num_devices)
   n_dev = mesh.devices.size
@@ -466,7 +309,9 @@ def train(config: Config) -> TrainResult:
   steps_per_epoch = n_train // c.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"{n_train} training images make no batch of {c.batch_size}.")
-  _prepare_out_dir(c)
+  run_dir.prepare_out_dir(c)
+  out_dir = os.path.abspath(c.out_dir)
+  _log(c, f"run directory: {out_dir}")
   mean, std = cifar_data.MEAN[c.dataset], cifar_data.STD[c.dataset]
   _log(c, f"{c.dataset}{' (synthetic)' if c.data_dir is None else ''}: {n_train} train, "
           f"{n_test} test images; {c.model}, {c.optimizer}, {c.epochs} epochs of "
@@ -516,7 +361,7 @@ def train(config: Config) -> TrainResult:
 
   # Resume.
   start_epoch = 0
-  manager = _checkpoint_manager(c) if c.checkpoint else None
+  manager = run_dir.checkpoint_manager(c) if c.checkpoint else None
   if c.resume and manager is not None and manager.latest_step() is not None:
     import orbax.checkpoint as ocp
 
@@ -530,8 +375,8 @@ def train(config: Config) -> TrainResult:
   elif c.resume:
     _log(c, f"--resume: no checkpoint in {c.out_dir}; starting afresh")
   metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
-  history = _read_history(metrics_path, start_epoch)
-  _write_history(metrics_path, history)
+  history = run_dir.read_history(metrics_path, start_epoch)
+  run_dir.write_history(metrics_path, history)
 
   # Compile ahead of time, so that epoch times are pure run time.
   t0 = time.perf_counter()
@@ -594,7 +439,7 @@ def train(config: Config) -> TrainResult:
     if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
       _log(c, f"warning: non-finite loss at epoch {epoch + 1}")
     history.append(row)
-    _write_history(metrics_path, history)
+    run_dir.write_history(metrics_path, history)
     if manager is not None:
       import orbax.checkpoint as ocp
 
@@ -609,8 +454,9 @@ def train(config: Config) -> TrainResult:
     manager.wait_until_finished()
     manager.close()
   if c.plot and history:
-    plot_curves(history, os.path.join(c.out_dir, "curves.png"),
-                f"{c.dataset} {c.model} {c.optimizer}")
+    run_dir.plot_curves(history, os.path.join(c.out_dir, "curves.png"),
+                        f"{c.dataset} {c.model} {c.optimizer}")
+  _log(c, f"wrote {', '.join(run_dir.written_outputs(out_dir))} in run directory {out_dir}")
   return TrainResult(history, params, batch_stats, opt_state, c)
 
 
@@ -620,107 +466,7 @@ def run(config: Config) -> dict[str, Any]:
   return dict(result.history[-1]) if result.history else {}
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line parser (``--help`` lists every flag with its default)."""
-  p = argparse.ArgumentParser(
-      prog="python -m examples.cifar.train",
-      description=__doc__.split("Reusable pieces")[0].rstrip(),
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  g = p.add_argument_group("run")
-  g.add_argument("--quick", action="store_true",
-                 help="small CPU-sized run: tiny_cnn, 4 epochs, batch 64, a synthetic dataset "
-                 "(2048/512 images) or, with --data-dir, the first 5000/1000 real images")
-  g.add_argument("--optimizer", choices=OPTIMIZERS, default="amp",
-                 help="erm: plain SGD; amp: adversarial model perturbation; sam: "
-                 "sharpness-aware minimisation (default: amp)")
-  g.add_argument("--model", default=None,
-                 help=f"one of {models.model_names()} or wrn{{depth}}_{{width}} "
-                 "(default: preactresnet18; tiny_cnn with --quick)")
-  g.add_argument("--dataset", choices=sorted(cifar_data.NUM_CLASSES), default="cifar10")
-  g.add_argument("--data-dir", default=None,
-                 help="folder holding cifar-10-batches-py/ or cifar-100-python/ (the official "
-                 "'python version'), or that folder itself; optional with --quick")
-  g.add_argument("--train-size", type=int, default=None,
-                 help="use only the first N training images (default: all)")
-  g.add_argument("--test-size", type=int, default=None,
-                 help="use only the first N test images (default: all)")
-  g.add_argument("--seed", type=int, default=0, help="seeds init, shuffling, augmentation")
-  g.add_argument("--out-dir", default=None,
-                 help="where metrics.jsonl, curves.png, config.json and checkpoints/ go "
-                 "(default: runs/cifar/DATASET-MODEL-OPTIMIZER-sSEED)")
-  g.add_argument("--resume", action="store_true",
-                 help="continue the run in --out-dir from its last checkpoint")
-  g.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
-  g.add_argument("--stop-after", type=int, default=None,
-                 help="stop after this many epochs in total (the schedule still spans "
-                 "--epochs); continue later with --resume")
-  g.add_argument("--num-devices", type=int, default=None,
-                 help="data-parallel over the first N local devices (default: all)")
-  g.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
-  g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-  g = p.add_argument_group("training recipe (defaults: the AMP paper's)")
-  g.add_argument("--epochs", type=int, default=None, help="default: 200 (4 with --quick)")
-  g.add_argument("--batch-size", type=int, default=None, help="default: 50 (64 with --quick)")
-  g.add_argument("--lr", type=float, default=0.1,
-                 help="initial learning rate, x0.1 at 50%% and 75%% of the epochs (default: 0.1)")
-  g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (default: 0.9)")
-  g.add_argument("--weight-decay", type=float, default=5e-4,
-                 help="decoupled from the ascent (default: 5e-4)")
-  g.add_argument("--no-augment", action="store_true", help="no random crop and flip")
-  g.add_argument("--cutout", type=int, default=0,
-                 help="Cutout square side, 0 for none (authors: 16 on CIFAR-10, 8 on CIFAR-100)")
-  g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                 help="computation dtype of the model (parameters stay float32)")
-
-  g = p.add_argument_group("AMP")
-  g.add_argument("--epsilon", type=float, default=0.5,
-                 help="radius of the perturbation ball (default: 0.5)")
-  g.add_argument("--inner-lr", type=float, default=1.0,
-                 help="step size of the inner ascent (default: 1)")
-  g.add_argument("--inner-steps", type=int, default=1,
-                 help="number K of ascent steps; a step costs 1 + K gradients (default: 1)")
-  g.add_argument("--norm", choices=NORMS, default="per_tensor",
-                 help="per_tensor: a ball per parameter array (authors' code); global: one "
-                 "ball over all parameters (default: per_tensor)")
-
-  g = p.add_argument_group("SAM")
-  g.add_argument("--rho", type=float, default=0.05, help="SAM radius (default: 0.05)")
-  return p
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-  """Turns parsed flags into a :class:`Config`."""
-  return Config(
-      optimizer=args.optimizer, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-      weight_decay=args.weight_decay, epsilon=args.epsilon, inner_lr=args.inner_lr,
-      inner_steps=args.inner_steps, norm=args.norm, rho=args.rho, augment=not args.no_augment,
-      cutout=args.cutout, train_size=args.train_size, test_size=args.test_size,
-      dtype=args.dtype, seed=args.seed, out_dir=args.out_dir, resume=args.resume,
-      overwrite=args.overwrite, stop_after=args.stop_after, num_devices=args.num_devices,
-      quick=args.quick, checkpoint=not args.no_checkpoint, progress=not args.no_progress)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Command-line entry point; returns the final metrics."""
-  args = build_parser().parse_args(argv)
-  config = config_from_args(args)
-  try:
-    metrics = run(config)
-  except (cifar_data.CifarFormatError, FileExistsError, ConfigError) as e:
-    if argv is not None:
-      raise
-    sys.exit(f"error: {e}")
-  if metrics:
-    print(f"final: test acc {100 * metrics['test_acc']:.2f}%  test loss "
-          f"{metrics['test_loss']:.4f}  train acc {100 * metrics['train_acc']:.2f}%")
-  return metrics
-
-
 if __name__ == "__main__":
+  from examples.cifar.main import main
+
   main()
