@@ -470,7 +470,8 @@ def amp(
     inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
 
     def with_ascent():
-      delta0 = [jnp.zeros(param_leaves[i].shape, _projection.accumulation_dtype(
+      # zeros_like keeps the parameters' shardings (a loop carry must not change type).
+      delta0 = [jnp.zeros_like(param_leaves[i], _projection.accumulation_dtype(
           param_leaves[i].dtype)) for i in idx]
       if num_steps == 1:
         delta, grad_leaves = body(0, (delta0, first))
