@@ -64,6 +64,9 @@ class Variant:
   # amp(ascent_every=..., between_ascents=...): the cheaper step, an ascent every k-th step.
   ascent_every: int | None = None
   between_ascents: str = "clean"
+  # Decide the ascent steps in Python (two compiled steps, update(..., ascend=bool)) instead of
+  # amp's lax.cond, which XLA:CPU runs as slowly as a loop.
+  python_driven: bool = False
 
   @property
   def grad_evals(self) -> float:
@@ -84,6 +87,9 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
   out.append(Variant("SAM opaque (optax.contrib)", "jax", "sam"))
   out += [Variant(f"AMP K=1 per_tensor every {every} {between}", "jax", "amp", 1, "per_tensor",
                   ascent_every=every, between_ascents=between)
+          for every in (2, 4) for between in ("clean", "reuse")]
+  out += [Variant(f"AMP K=1 per_tensor every {every} {between} py", "jax", "amp", 1,
+                  "per_tensor", ascent_every=every, between_ascents=between, python_driven=True)
           for every in (2, 4) for between in ("clean", "reuse")]
   if with_torch:
     out.append(Variant("ERM", "torch", "erm"))
@@ -107,12 +113,15 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation) -> Callable[..., Any]:
+def make_train_step(model: Any, tx: optax.GradientTransformation,
+                    ascend: bool | None = None) -> Callable[..., Any]:
   """A train step ``(state, x, y) -> (state, loss)``; ``state = (params, batch_stats, opt)``.
 
   The clean pass updates the BatchNorm statistics; ``grad_fn`` (called by AMP and SAM at
   perturbed parameters) normalises with batch statistics too and discards their update.
+  ``ascend`` (AMP only) is passed on to ``tx.update`` when not None.
   """
+  extra = {} if ascend is None else {"ascend": ascend}
   def loss_fn(params, batch_stats, x, y):
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                    train=True, mutable=["batch_stats"])
@@ -124,7 +133,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation) -> Callable[..
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, y)
     grad_fn = lambda p, _: jax.grad(lambda q: loss_fn(q, batch_stats, x, y)[0])(p)
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
   return step
@@ -163,7 +172,8 @@ class JaxRunner:
     state = (params, variables["batch_stats"], tx.init(params))
     self.state = jax.tree.map(jnp.copy, state)  # donated below: never share buffers.
     self.x, self.y = x, y
-    step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    self.every = variant.ascent_every if variant.python_driven else None
+    step = jax.jit(make_train_step(model, tx, True if self.every else None), donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(self.state, x, y)
     t1 = time.perf_counter()
@@ -171,10 +181,18 @@ class JaxRunner:
     t2 = time.perf_counter()
     self.trace_lower_s, self.compile_s = t1 - t0, t2 - t1
     self.memory = memory_stats(self.compiled)
+    if self.every:  # the steps between ascents, compiled apart
+      self.compiled_clean = jax.jit(make_train_step(model, tx, False), donate_argnums=0).lower(
+          self.state, x, y).compile()
+    self.calls = 0
     self.loss = float("nan")
 
   def __call__(self) -> None:
-    self.state, loss = self.compiled(self.state, self.x, self.y)
+    compiled = self.compiled
+    if self.every and self.calls % self.every:
+      compiled = self.compiled_clean
+    self.calls += 1
+    self.state, loss = compiled(self.state, self.x, self.y)
     jax.block_until_ready((self.state, loss))
     self.loss = loss
 

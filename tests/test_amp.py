@@ -732,3 +732,26 @@ def test_reuse_keeps_one_correction_per_float_leaf():
 def test_bad_cheap_step_or_radius_arguments_fail_at_construction(kwargs, error):
   with pytest.raises(error, match=next(iter(kwargs))):
     amp_optax.amp(0.5, **kwargs)
+
+
+def test_ascend_decided_in_python_matches_ascent_every():
+  """update(..., ascend=bool) is the lax.cond-free form of ascent_every (for CPU)."""
+  params, batch = mlp_params(), make_batch()
+  grad_fn = jax.grad(lambda p, _: mlp_loss(p, batch))
+  tx = amp_optax.amp(0.1, ascent_every=3, between_ascents="reuse")
+  by_count = jax.jit(lambda p, s: tx.update(jax.grad(mlp_loss)(p, batch), s, p, grad_fn=grad_fn))
+  by_flag = jax.jit(
+      lambda p, s, ascend: tx.update(jax.grad(mlp_loss)(p, batch), s, p,
+                                     grad_fn=grad_fn if ascend else None, ascend=ascend),
+      static_argnums=2)
+  p1 = p2 = params
+  s1 = s2 = tx.init(params)
+  for t in range(5):
+    u1, s1 = by_count(p1, s1)
+    u2, s2 = by_flag(p2, s2, t % 3 == 0)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-6)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  assert "cond" not in by_flag.lower(params, s2, True).as_text()
+  with pytest.raises(TypeError, match="static_argnames='ascend'"):
+    jax.jit(lambda p, s, a: tx.update(p, s, p, grad_fn=grad_fn, ascend=a))(
+        params, tx.init(params), True)

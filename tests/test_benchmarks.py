@@ -46,6 +46,8 @@ def test_step_time_smoke(tmp_path):
               ("jax", "AMP K=2 per_tensor loop"), ("jax", "AMP K=2 per_tensor unroll"),
               ("jax", "SAM opaque (optax.contrib)"),
               *[("jax", f"AMP K=1 per_tensor every {k} {b}")
+                for k in (2, 4) for b in ("clean", "reuse")],
+              *[("jax", f"AMP K=1 per_tensor every {k} {b} py")
                 for k in (2, 4) for b in ("clean", "reuse")]]
   assert names[:len(expected)] == expected
   if importlib.util.find_spec("torch") is not None:
@@ -56,8 +58,8 @@ def test_step_time_smoke(tmp_path):
       assert _finite_positive(r[k]), (r["name"], k, r[k])
     assert math.isfinite(r["final_loss"])
   assert out["rows"][0]["ratio_vs_erm"] == 1.0
-  assert [r["grad_evals"] for r in out["rows"][:12]] == [
-      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25]
+  assert [r["grad_evals"] for r in out["rows"][:16]] == [
+      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25, 1.5, 1.5, 1.25, 1.25]
   assert _finite_positive(out["param_bytes"])
   assert [m["name"] for m in out["memory"]] == [n for _, n in expected]
   for m in out["memory"]:
