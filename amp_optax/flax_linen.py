@@ -4,21 +4,31 @@ Flax's :class:`flax.training.train_state.TrainState` calls
 ``tx.update(grads, opt_state, params)`` with no extra arguments, so
 :func:`amp_optax.amp` never receives its ``grad_fn``. This module provides:
 
-* :class:`TrainState`: Flax's train state with a ``batch_stats`` field, whose
-  ``apply_gradients`` forwards ``grad_fn=`` and other extra arguments to
-  ``tx.update``;
+* :class:`TrainState`: a drop-in for Flax's train state (a subclass, with a
+  ``batch_stats`` field that defaults to ``None``), whose ``apply_gradients``
+  forwards ``grad_fn=`` and other extra arguments to ``tx.update``;
 * :func:`make_grad_fn`: builds ``grad_fn(params, inner_step)`` for a loss that
   also takes and returns mutable collections (BatchNorm's ``batch_stats``)
-  and an RNG key (dropout);
+  and an RNG key (dropout), for a step in one :func:`jax.jit`;
+* :func:`apply_gradients`: ``state.apply_gradients`` with AMP, built from the
+  batch and RNG key rather than a ``grad_fn``, for a step split in two jits
+  as in Flax's MNIST example (``apply_model`` computes the gradients,
+  ``update_model`` applies them): a ``grad_fn`` is a Python function and
+  cannot be returned from one jit into another, the data can;
 * :func:`amp_step`: a whole training step (clean pass, AMP ascent, update,
   new ``batch_stats``) with a choice of BatchNorm policy.
 
-The loss function the helpers take is
-``loss_fn(params, batch_stats, batch, rng) -> (loss, new_batch_stats)``, or
-``-> (loss, (new_batch_stats, aux))`` with ``has_aux=True``: the model applied
-in training mode with ``mutable=["batch_stats"]``. ``batch_stats`` may be any
-pytree of non-trainable collections (or ``None`` when there are none), and
-``rng`` any pytree of PRNG keys (or ``None``).
+The loss function the helpers take is ``loss_fn(params, batch_stats, batch,
+rng)``: the model applied in training mode with ``mutable=["batch_stats"]``.
+It returns ``(loss, new_batch_stats)``, or with ``has_aux=True`` either
+``(loss, (aux, new_batch_stats))`` (Flax's usual order, e.g. ``(loss,
+(logits, updates))``) or ``(loss, (new_batch_stats, aux))``: the element
+structured like ``batch_stats`` is the new statistics, and it may be Linen's
+updates dict ``{"batch_stats": ...}`` itself. An output that fits none of
+these raises an error that lists them. ``batch_stats`` may be any pytree of
+non-trainable collections (or ``None`` when there are none; the loss may then
+return the loss alone, or ``(loss, aux)`` with ``has_aux``), and ``rng`` any
+pytree of PRNG keys (or ``None``).
 
 BatchNorm policies (``stats_policy``):
 
@@ -44,18 +54,26 @@ weights; ``"fold_in"`` gives perturbed pass ``k`` the key
 """
 
 from collections.abc import Callable
+from collections.abc import Mapping
 import functools
 from typing import Any
 
-from flax.training import train_state
+from amp_optax import _policies
+
+try:
+  from flax.training import train_state
+except ModuleNotFoundError as e:
+  raise _policies.missing_flax("amp_optax.flax_linen", e) from e
 import jax
+import jax.numpy as jnp
 import optax
 
 from amp_optax._policies import RNG_POLICIES
 from amp_optax._policies import STATS_POLICIES
 from amp_optax._policies import check_policies
 
-__all__ = ("STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "make_grad_fn")
+__all__ = (
+    "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_gradients", "make_grad_fn")
 
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
@@ -148,14 +166,74 @@ def _perturbed_rng(rng: Any, inner_step: Any, rng_policy: str) -> Any:
   return jax.tree.map(lambda key: jax.random.fold_in(key, inner_step), rng)
 
 
-def _with_aux(loss_fn: LossFn, has_aux: bool) -> LossFn:
-  """``loss_fn`` as a function returning ``(loss, (new_batch_stats, aux))``."""
-  if has_aux:
-    return loss_fn
+def _layout(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """Paths and shapes of a pytree's leaves (dict and FrozenDict alike)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path), tuple(jnp.shape(x))) for path, x in leaves]
 
-  def wrapped(*args):
-    loss, new_batch_stats = loss_fn(*args)
-    return loss, (new_batch_stats, None)
+
+def _as_stats(x: Any, batch_stats: Any) -> tuple[bool, Any]:
+  """Whether ``x`` is new statistics for ``batch_stats``: the same pytree, or
+  Linen's ``mutable=["batch_stats"]`` updates ``{"batch_stats": ...}``."""
+  want = _layout(batch_stats)
+  if _layout(x) == want:
+    return True, x
+  if isinstance(x, Mapping) and list(x.keys()) == ["batch_stats"]:
+    if _layout(x["batch_stats"]) == want:
+      return True, x["batch_stats"]
+  return False, None
+
+
+_FORMS = (
+    "loss_fn(params, batch_stats, batch, rng) must return\n"
+    "  (loss, new_batch_stats)                 with has_aux=False, or\n"
+    "  (loss, (aux, new_batch_stats))          with has_aux=True (Flax's usual order, e.g.\n"
+    "                                          (loss, (logits, updates)) with updates from\n"
+    "                                          model.apply(..., mutable=['batch_stats'])), or\n"
+    "  (loss, (new_batch_stats, aux))          with has_aux=True.\n"
+    "new_batch_stats may be the statistics themselves (structured like batch_stats) or Linen's\n"
+    "updates dict {'batch_stats': ...}.")
+
+
+def _split_output(out: Any, batch_stats: Any, has_aux: bool, where: str) -> tuple[Any, Any]:
+  """``loss_fn``'s output as ``(loss, (new_batch_stats, aux))``."""
+  no_stats = not _layout(batch_stats)
+  if not _policies.is_pair(out):
+    if no_stats and not has_aux:
+      return out, (batch_stats, None)  # a model without statistics: the loss alone.
+    raise TypeError(f"{where}: loss_fn returned {type(out).__name__}.\n{_FORMS}")
+  loss, second = out
+  if not has_aux:
+    ok, stats = _as_stats(second, batch_stats)
+    if ok:
+      return loss, (stats, None)
+    if no_stats or (_policies.is_pair(second)
+                    and any(_as_stats(x, batch_stats)[0] for x in second)):
+      raise TypeError(
+          f"{where}: loss_fn returned (loss, aux) with aux besides the statistics: pass "
+          f"has_aux=True.\n{_FORMS}")
+    raise ValueError(
+        f"{where}: the second element of loss_fn's output is not structured like batch_stats."
+        f"\n{_FORMS}\nbatch_stats: {_layout(batch_stats)}\ngot:         {_layout(second)}")
+  if _policies.is_pair(second):
+    first_ok, first_stats = _as_stats(second[0], batch_stats)
+    if first_ok:
+      return loss, (first_stats, second[1])
+    last_ok, last_stats = _as_stats(second[1], batch_stats)
+    if last_ok:
+      return loss, (last_stats, second[0])
+  if no_stats:
+    return loss, (batch_stats, second)  # a model without statistics: all of it is aux.
+  raise ValueError(
+      f"{where}: with has_aux=True, neither element of loss_fn's (loss, (a, b)) is structured "
+      f"like batch_stats.\n{_FORMS}\nbatch_stats: {_layout(batch_stats)}")
+
+
+def _normalised(loss_fn: LossFn, has_aux: bool, where: str) -> LossFn:
+  """``loss_fn`` as a function returning ``(loss, (new_batch_stats, aux))``."""
+
+  def wrapped(params, batch_stats, batch, rng):
+    return _split_output(loss_fn(params, batch_stats, batch, rng), batch_stats, has_aux, where)
 
   return wrapped
 
@@ -178,6 +256,17 @@ def _write_refs(refs: Any, values: Any) -> None:
     ref[...] = value
 
 
+def _grad_fn(full_loss: LossFn, batch_stats: Any, batch: Any, rng: Any,
+             rng_policy: str) -> GradFn:
+  grad = jax.grad(full_loss, has_aux=True)
+
+  def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
+    grads, _ = grad(params, batch_stats, batch, _perturbed_rng(rng, inner_step, rng_policy))
+    return grads
+
+  return grad_fn
+
+
 def make_grad_fn(
     loss_fn: LossFn,
     batch_stats: Any,
@@ -196,6 +285,10 @@ def make_grad_fn(
   computes are discarded (the ``"clean"`` BatchNorm policy): keep those of the
   clean pass, as in the example. For the authors' policy use :func:`amp_step`.
 
+  A ``grad_fn`` is a Python function: it cannot be returned from one
+  :func:`jax.jit` and passed into another. When the step is split in two
+  jits, as in Flax's MNIST example, use :func:`apply_gradients` in the second.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
     >>> import flax.linen as nn
@@ -204,36 +297,46 @@ def make_grad_fn(
     ...   @nn.compact
     ...   def __call__(self, x, train):
     ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
-    ...     return nn.Dense(1)(nn.relu(x))
+    ...     x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+    ...     return nn.Dense(3)(x)
     >>> model = Net()
-    >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    >>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
     >>> variables = model.init(jax.random.key(0), x, train=False)
     >>> state = flax_linen.TrainState.create(
     ...     apply_fn=model.apply, params=variables["params"],
     ...     batch_stats=variables["batch_stats"],
     ...     tx=optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1)))
     >>> def loss_fn(params, batch_stats, batch, rng):
-    ...   x, y = batch
-    ...   out, updates = model.apply(
-    ...       {"params": params, "batch_stats": batch_stats}, x, train=True,
-    ...       mutable=["batch_stats"])
-    ...   return jnp.mean((out - y) ** 2), updates["batch_stats"]
+    ...   logits, updates = model.apply(
+    ...       {"params": params, "batch_stats": batch_stats}, batch["image"],
+    ...       train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    ...   loss = optax.softmax_cross_entropy_with_integer_labels(
+    ...       logits, batch["label"]).mean()
+    ...   return loss, (logits, updates)
     >>> @jax.jit
-    ... def train_step(state, batch):
-    ...   (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    ...       state.params, state.batch_stats, batch, None)
-    ...   grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)
-    ...   state = state.apply_gradients(
-    ...       grads=grads, grad_fn=grad_fn, batch_stats=new_stats)
-    ...   return state, loss
-    >>> state, loss = train_step(state, (x, y))
+    ... def train_step(state, batch, rng):
+    ...   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    ...       state.params, state.batch_stats, batch, rng)
+    ...   grad_fn = flax_linen.make_grad_fn(
+    ...       loss_fn, state.batch_stats, batch, rng, has_aux=True)
+    ...   return state.apply_gradients(
+    ...       grads=grads, grad_fn=grad_fn, batch_stats=updates["batch_stats"])
+    >>> state = train_step(state, {"image": x, "label": y}, jax.random.key(1))
+    >>> int(state.step)
+    1
 
   Args:
-    loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` returning
-      ``(loss, new_batch_stats)``, or ``(loss, (new_batch_stats, aux))`` if
-      ``has_aux``.
+    loss_fn: ``loss_fn(params, batch_stats, batch, rng)``, the model applied
+      in training mode with ``mutable=["batch_stats"]``. It returns
+      ``(loss, new_batch_stats)``, or with ``has_aux`` either
+      ``(loss, (aux, new_batch_stats))`` (Flax's usual order, e.g.
+      ``(loss, (logits, updates))``) or ``(loss, (new_batch_stats, aux))``;
+      the element structured like ``batch_stats`` is taken as the new
+      statistics, and ``new_batch_stats`` may also be Linen's updates dict
+      ``{"batch_stats": ...}``. Without statistics (``batch_stats=None``) it
+      may return the loss alone, or ``(loss, aux)`` with ``has_aux``.
     batch_stats: the statistics the clean pass started from (not the ones it
-      returned).
+      returned), or ``None``.
     batch: the clean pass's batch.
     rng: the clean pass's PRNG key, a pytree of keys, or ``None``.
     has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
@@ -245,13 +348,94 @@ def make_grad_fn(
     grad_fn=grad_fn)`` or :meth:`TrainState.apply_gradients`.
   """
   check_policies("clean", rng_policy)
-  grad = jax.grad(_with_aux(loss_fn, has_aux), has_aux=True)
+  full_loss = _normalised(loss_fn, has_aux, "flax_linen.make_grad_fn")
+  return _grad_fn(full_loss, batch_stats, batch, rng, rng_policy)
 
-  def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
-    grads, _ = grad(params, batch_stats, batch, _perturbed_rng(rng, inner_step, rng_policy))
-    return grads
 
-  return grad_fn
+def apply_gradients(
+    state: TrainState,
+    *,
+    grads: optax.Updates,
+    loss_fn: LossFn,
+    batch: Any,
+    rng: Any = None,
+    has_aux: bool = False,
+    rng_policy: str = "same",
+    tx_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> TrainState:
+  """``state.apply_gradients`` with AMP, from the data: for a step split in two jits.
+
+  Flax's MNIST example computes the gradients in one jitted function
+  (``apply_model``) and applies them in another (``update_model``). A
+  ``grad_fn`` cannot cross from one to the other (it is a Python function,
+  not an array), so the second takes what ``grad_fn`` is made from: the batch
+  and the RNG key. This builds ``make_grad_fn(loss_fn, state.batch_stats,
+  batch, rng)``, the statistics the clean pass started from, and calls
+  ``state.apply_gradients(grads=grads, grad_fn=..., **kwargs)``: pass the
+  clean pass's new statistics as ``batch_stats=``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, amp_optax
+    >>> import flax.linen as nn
+    >>> from amp_optax import flax_linen
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+    ...     return nn.Dense(3)(x)
+    >>> model = Net()
+    >>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
+    >>> variables = model.init(jax.random.key(0), x, train=False)
+    >>> state = flax_linen.TrainState.create(
+    ...     apply_fn=model.apply, params=variables["params"],
+    ...     batch_stats=variables["batch_stats"],
+    ...     tx=optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1)))
+    >>> def loss_fn(params, batch_stats, batch, rng):
+    ...   logits, updates = model.apply(
+    ...       {"params": params, "batch_stats": batch_stats}, batch["image"],
+    ...       train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    ...   loss = optax.softmax_cross_entropy_with_integer_labels(
+    ...       logits, batch["label"]).mean()
+    ...   return loss, (logits, updates)
+    >>> @jax.jit
+    ... def apply_model(state, batch, rng):
+    ...   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    ...       state.params, state.batch_stats, batch, rng)
+    ...   return grads, updates, loss
+    >>> @jax.jit
+    ... def update_model(state, grads, updates, batch, rng):
+    ...   return flax_linen.apply_gradients(
+    ...       state, grads=grads, loss_fn=loss_fn, batch=batch, rng=rng,
+    ...       has_aux=True, batch_stats=updates["batch_stats"])
+    >>> batch, rng = {"image": x, "label": y}, jax.random.key(1)
+    >>> grads, updates, loss = apply_model(state, batch, rng)
+    >>> state = update_model(state, grads, updates, batch, rng)
+    >>> int(state.step)
+    1
+
+  Args:
+    state: a :class:`TrainState` whose ``tx`` contains
+      :func:`amp_optax.amp`, before the step (its ``batch_stats`` are the
+      ones the clean pass started from).
+    grads: the clean pass's gradients at ``state.params``.
+    loss_fn: ``loss_fn(params, batch_stats, batch, rng)``, as in
+      :func:`make_grad_fn`.
+    batch: the clean pass's batch.
+    rng: the clean pass's PRNG key (or pytree of keys, or ``None``).
+    has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
+    rng_policy: ``"same"`` or ``"fold_in"``, as in :func:`make_grad_fn`.
+    tx_kwargs: further keyword arguments for ``tx.update``.
+    **kwargs: fields to replace in the returned state, e.g.
+      ``batch_stats=updates["batch_stats"]``.
+
+  Returns:
+    The state after the AMP step.
+  """
+  grad_fn = make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=has_aux,
+                         rng_policy=rng_policy)
+  return state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs, **kwargs)
 
 
 def amp_step(
@@ -305,8 +489,9 @@ def amp_step(
       (first in an :func:`optax.chain`); ``state.batch_stats`` is passed to
       ``loss_fn``.
     loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` returning
-      ``(loss, new_batch_stats)``, or ``(loss, (new_batch_stats, aux))`` if
-      ``has_aux``; see :func:`make_grad_fn`.
+      ``(loss, new_batch_stats)``, or with ``has_aux``
+      ``(loss, (aux, new_batch_stats))`` or ``(loss, (new_batch_stats,
+      aux))``; see :func:`make_grad_fn`.
     batch: passed to ``loss_fn``.
     rng: the clean pass's PRNG key (or pytree of keys, or ``None``).
     has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
@@ -323,12 +508,11 @@ def amp_step(
     ``loss`` and ``aux`` are those of the clean pass.
   """
   check_policies(stats_policy, rng_policy)
-  full_loss = _with_aux(loss_fn, has_aux)
+  full_loss = _normalised(loss_fn, has_aux, "flax_linen.amp_step")
   (loss, (clean_stats, aux)), grads = jax.value_and_grad(full_loss, has_aux=True)(
       state.params, state.batch_stats, batch, rng)
   if stats_policy == "clean":
-    grad_fn = make_grad_fn(full_loss, state.batch_stats, batch, rng, has_aux=True,
-                           rng_policy=rng_policy)
+    grad_fn = _grad_fn(full_loss, state.batch_stats, batch, rng, rng_policy)
     state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs,
                                   batch_stats=clean_stats)
   else:

@@ -3,41 +3,73 @@
 With NNX the AMP update is ``optimizer.update(model, grads, grad_fn=grad_fn)``:
 :class:`flax.nnx.Optimizer` forwards keyword arguments to ``tx.update``. The
 ``grad_fn`` runs inside ``tx.update`` (inside a :func:`jax.lax.fori_loop` when
-``inner_steps > 1``), so it must be pure: it may not run the live model,
-whose BatchNorm statistics and RNG counters would be mutated from inside the
-loop's trace. This module provides:
+``inner_steps > 1``), so it must be pure: it may not run the live model, nor
+any live ``nnx.Rngs``, metric or other NNX object the loss takes, whose state
+would be mutated from inside the loop's trace. This module provides:
 
 * :func:`make_grad_fn`: a pure ``grad_fn(params, inner_step)`` built from a
-  snapshot of the model (``nnx.split``); each call merges a fresh copy with
-  the perturbed parameters, so the model is never touched;
+  snapshot, taken before the clean pass, of the model and of every NNX object
+  among the loss's arguments (``nnx.Rngs``, other modules, metrics; also
+  inside tuples, lists and dicts). Each call merges fresh copies of them all,
+  split jointly so that shared references stay shared (an ``nnx.Rngs`` stored
+  in the model and also passed to the loss is one object in the copies too),
+  with the perturbed parameters, so the live objects are never touched;
 * :func:`amp_step`: the clean pass, ``optimizer.update`` with that
-  ``grad_fn``, and the model's new statistics, in one call.
+  ``grad_fn``, and the new statistics, in one call.
 
-State policies. The model's state is split into the parameters (the
-optimizer's ``wrt``), the RNG state (``nnx.RngState``: keys and counters) and
-the rest (``nnx.BatchStat`` and any other variables).
+Flax's NNX MNIST step takes AMP with two changes: ``amp`` first in the
+optimiser's chain, and ``grad_fn=`` in ``optimizer.update``::
+
+  @nnx.jit
+  def train_step(model, optimizer, metrics, rngs, batch):
+    grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # new
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
+    metrics.update(loss=loss, logits=logits, labels=batch["label"])
+    optimizer.update(model, grads, grad_fn=grad_fn)                             # grad_fn=
+
+Only the model's parameters selected by the optimizer's ``wrt`` are perturbed
+and differentiated; the parameters of other modules among the arguments are
+held fixed.
+
+State policies. The state of the model and of the other NNX objects is split
+into the parameters (the model's ``wrt``), the RNG state (``nnx.RngKey`` and
+``nnx.RngCount``, wherever they live) and the rest (``nnx.BatchStat``,
+metrics and any other variables).
 
 * ``stats_policy="clean"`` (default): after the step the rest is what the
   clean pass left; the perturbed passes start from the state the clean pass
-  started from and their changes are discarded. With ``epsilon=0`` the update
-  equals the plain (ERM) one.
+  started from and their changes are discarded. With ``epsilon=0`` the step
+  equals the plain (ERM) one bit for bit.
 * ``stats_policy="authors"`` (:func:`amp_step` only): as in the authors'
   PyTorch code, the clean pass and then each perturbed pass, in order, update
-  the BatchNorm statistics (and any other non-RNG variables). The perturbed
+  the BatchNorm statistics (and any other non-RNG, non-parameter variables,
+  of the model and of the NNX objects among the arguments). The perturbed
   passes' state is carried out of ``tx.update`` in JAX mutable array
   references (:func:`jax.new_ref`) created inside the step: jit-safe for any
   ``inner_steps``, with no state outside the step.
 * ``rng_policy="same"`` (default): every perturbed pass gets the RNG state
   the clean pass started from, hence the same dropout masks; ``"fold_in"``
-  replaces each RNG key by ``jax.random.fold_in(key, inner_step)`` in
-  perturbed pass ``inner_step``. Either way the model's RNG state afterwards
-  is the one the clean pass left (advanced once per step).
+  replaces each RNG key, wherever it lives, by
+  ``jax.random.fold_in(key, inner_step)`` in perturbed pass ``inner_step``.
+  Either way the RNG state afterwards is the one the clean pass left.
+
+Order. :func:`make_grad_fn` must run *before* the clean pass (its snapshot is
+the clean pass's starting state). Called after it, the perturbed passes would
+start from the advanced RNG counters and statistics, and ``epsilon=0`` would
+no longer be ERM; ``grad_fn`` detects this (the live RNG counters or batch
+statistics it would advance are still the very arrays of its snapshot) and
+raises an error.
 """
 
 from collections.abc import Callable
 from typing import Any
 
-from flax import nnx
+from amp_optax import _policies
+
+try:
+  from flax import nnx
+except ModuleNotFoundError as e:
+  raise _policies.missing_flax("amp_optax.flax_nnx", e) from e
 import jax
 import optax
 
@@ -49,31 +81,78 @@ __all__ = ("STATS_POLICIES", "RNG_POLICIES", "amp_step", "make_grad_fn")
 
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
+_AUX_FORM = "(loss, aux), e.g. (loss, logits)"
+
+_ORDER_HELP = (
+    "flax_nnx.make_grad_fn() was called after the clean pass: its snapshot already holds the RNG "
+    "counters and batch statistics that the clean pass advanced, so the perturbed passes would not "
+    "see the clean pass's randomness and statistics (and epsilon=0 would not be ERM). Call "
+    "make_grad_fn(model, loss_fn, *args) before nnx.value_and_grad(loss_fn)(model, *args), or "
+    "do the whole step with flax_nnx.amp_step(model, optimizer, loss_fn, *args). (grad_fn also "
+    "raises this when no clean pass ran on the live model: run it there, as above.)")
+
+
+def _is_node(x: Any) -> bool:
+  return nnx.graph.is_graph_node(x) or isinstance(x, nnx.Variable)
+
+
+def _variables(state: Any) -> list[Any]:
+  return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
 
 class _Snapshot:
-  """The model's structure and its non-parameter state, as pure arrays."""
+  """The model and the NNX objects among ``args``: structure and state, as pure arrays.
 
-  def __init__(self, model: nnx.Module, wrt: Any):
-    self.wrt = wrt
-    self.graphdef, _, keys, counts, rest = nnx.split(model, wrt, nnx.RngKey, nnx.RngCount, ...)
+  They are split together, as one tuple ``(model, *nodes)``, so that an object
+  reachable from several of them (an ``nnx.Rngs`` in the model and in
+  ``args``) is one object in every copy.
+  """
+
+  def __init__(self, model: nnx.Module, args: tuple[Any, ...], wrt: Any):
+    leaves, self.args_def = jax.tree.flatten(args, is_leaf=_is_node)
+    self.arg_leaves = leaves
+    self.node_at = [i for i, leaf in enumerate(leaves) if _is_node(leaf)]
+    nodes = (model, *(leaves[i] for i in self.node_at))
+    is_wrt = nnx.filterlib.to_predicate(wrt)
+
+    # The model's `wrt` parameters only: paths start with the index in `nodes`.
+    def model_wrt(path, value):
+      return bool(path) and path[0] == 0 and is_wrt(path[1:], value)
+
+    self.filters = (model_wrt, nnx.RngKey, nnx.RngCount, ...)
+    self.graphdef, _, keys, counts, rest = nnx.split(nodes, *self.filters)
+    self.live_vars = _variables((counts, rest))  # the live objects' variables.
+    self.live_rest = _variables(rest)
     self.keys = nnx.as_pure(keys)
     self.counts = nnx.as_pure(counts)
     self.rest = nnx.as_pure(rest)
 
-  def rest_of(self, model: nnx.Module) -> Any:
-    *_, rest = nnx.split(model, self.wrt, nnx.RngKey, nnx.RngCount, ...)
-    return nnx.as_pure(rest)
+  def merge(self, params: Any, keys: Any, counts: Any, rest: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Fresh copies: the model, and ``args`` with copies in place of the live objects."""
+    model, *nodes = nnx.merge(self.graphdef, nnx.State({0: params}), keys, counts, rest)
+    leaves = list(self.arg_leaves)
+    for i, node in zip(self.node_at, nodes, strict=True):
+      leaves[i] = node
+    return model, jax.tree.unflatten(self.args_def, leaves)
+
+  def state_of(self, model: nnx.Module, args: tuple[Any, ...]) -> tuple[Any, Any]:
+    """``(counts, rest)`` of copies made by :meth:`merge`, as pure arrays."""
+    leaves = jax.tree.leaves(args, is_leaf=_is_node)
+    nodes = (model, *(leaves[i] for i in self.node_at))
+    *_, counts, rest = nnx.split(nodes, *self.filters)
+    return nnx.as_pure(counts), nnx.as_pure(rest)
 
   def perturbed_grad(
-      self, loss_fn: Callable[..., Any], args: tuple[Any, ...], has_aux: bool, rng_policy: str,
-  ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-    """``(params, inner_step, rest) -> (grads, new_rest)``, pure."""
+      self, loss_fn: Callable[..., Any], has_aux: bool, rng_policy: str,
+  ) -> Callable[[Any, Any, Any], tuple[Any, tuple[Any, Any]]]:
+    """``(params, inner_step, rest) -> (grads, (new_counts, new_rest))``, pure."""
 
     def loss_at(params, keys, rest):
-      model = nnx.merge(self.graphdef, params, keys, self.counts, rest)
+      model, args = self.merge(params, keys, self.counts, rest)
       out = loss_fn(model, *args)
+      _policies.check_loss_output(out, has_aux, "flax_nnx.make_grad_fn", _AUX_FORM)
       loss = out[0] if has_aux else out
-      return loss, self.rest_of(model)
+      return loss, self.state_of(model, args)
 
     grad = jax.grad(loss_at, has_aux=True)
 
@@ -84,6 +163,22 @@ class _Snapshot:
       return grad(params, keys, rest)
 
     return grad_and_rest
+
+  def check_taken_before_clean_pass(self, new_state: tuple[Any, Any]) -> None:
+    """Raises if the clean pass ran before this snapshot was taken.
+
+    The clean pass writes new arrays into the RNG counters and statistics it
+    advances. So if every live variable that the perturbed pass advanced
+    still holds the very array of the snapshot, the snapshot was taken after
+    the clean pass (or no clean pass ran on the live objects).
+    """
+    old = jax.tree.leaves((self.counts, self.rest))
+    new = jax.tree.leaves(new_state)
+    if len(old) != len(new) or len(old) != len(self.live_vars):
+      return
+    advanced = [i for i, (o, n) in enumerate(zip(old, new)) if o is not n]
+    if advanced and all(self.live_vars[i].get_value() is old[i] for i in advanced):
+      raise RuntimeError(_ORDER_HELP)
 
 
 def make_grad_fn(
@@ -96,42 +191,63 @@ def make_grad_fn(
 ) -> GradFn:
   """Builds a pure AMP ``grad_fn`` for an NNX model, for ``nnx.Optimizer.update``.
 
-  Call it *before* the clean pass: it snapshots the model's RNG state and
-  batch statistics, so that the perturbed passes start from the state the
-  clean pass started from (same dropout masks; see ``rng_policy``). The
+  Call it *before* the clean pass, with the clean pass's arguments: it
+  snapshots the model and every NNX object among ``args`` (``nnx.Rngs``,
+  other modules, metrics), so that the perturbed passes start from the state
+  the clean pass started from (same dropout masks; see ``rng_policy``). The
   returned ``grad_fn(params, inner_step)`` takes the pure parameter state
-  that ``nnx.Optimizer`` hands to ``tx.update``, merges it into a fresh copy
-  of the model, evaluates ``loss_fn(model_copy, *args)`` and returns the
-  gradient; the copy's new statistics are discarded and the live ``model``
-  is never mutated (the ``"clean"`` policy). For the authors' policy use
-  :func:`amp_step`.
+  that ``nnx.Optimizer`` hands to ``tx.update``, merges it into fresh copies
+  of the model and of those objects, evaluates ``loss_fn(model_copy,
+  *args_copies)`` and returns the gradient; the copies' new state is
+  discarded and the live objects are never mutated (the ``"clean"`` policy).
+  For the authors' policy use :func:`amp_step`.
+
+  If it was called after the clean pass, ``grad_fn`` raises a
+  ``RuntimeError`` rather than return gradients from the wrong RNG state and
+  statistics.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
     >>> from flax import nnx
     >>> from amp_optax import flax_nnx
-    >>> model = nnx.Sequential(
-    ...     nnx.Linear(2, 8, rngs=nnx.Rngs(0)), nnx.BatchNorm(8, rngs=nnx.Rngs(0)),
-    ...     nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
-    >>> tx = optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1))
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.fc1 = nnx.Linear(2, 8, rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(8, rngs=rngs)
+    ...     self.dropout = nnx.Dropout(0.1)
+    ...     self.fc2 = nnx.Linear(8, 3, rngs=rngs)
+    ...   def __call__(self, x, rngs=None):
+    ...     return self.fc2(self.dropout(nnx.relu(self.bn(self.fc1(x))), rngs=rngs))
+    >>> model = Net(nnx.Rngs(0))
+    >>> tx = optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1, momentum=0.9))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    >>> def loss_fn(model, x, y):
-    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> def loss_fn(model, batch, rngs):
+    ...   logits = model(batch["image"], rngs)
+    ...   loss = optax.softmax_cross_entropy_with_integer_labels(
+    ...       logits, batch["label"]).mean()
+    ...   return loss, logits
     >>> @nnx.jit
-    ... def train_step(model, optimizer, x, y):
-    ...   grad_fn = flax_nnx.make_grad_fn(model, loss_fn, x, y)  # before the clean pass
-    ...   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    ... def train_step(model, optimizer, rngs, batch):
+    ...   grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)
+    ...   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+    ...       model, batch, rngs)
     ...   optimizer.update(model, grads, grad_fn=grad_fn)
     ...   return loss
-    >>> loss = train_step(model, optimizer, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+    >>> batch = {"image": jnp.ones((4, 2)), "label": jnp.array([0, 1, 2, 0])}
+    >>> rngs = nnx.Rngs(dropout=1)
+    >>> loss = train_step(model, optimizer, rngs, batch)
+    >>> int(rngs.dropout.count[...])  # advanced by the clean pass only
+    1
 
   Args:
     model: the model, in the state the clean pass will start from.
     loss_fn: ``loss_fn(model, *args)`` returning the loss, or ``(loss, aux)``
       if ``has_aux``.
-    *args: the clean pass's other arguments (the batch).
-    wrt: the filter of the parameters AMP perturbs; the ``wrt`` of the
-      ``nnx.Optimizer``.
+    *args: the clean pass's other arguments: the batch, and any NNX objects
+      (``nnx.Rngs``, modules, metrics), also nested in tuples, lists or
+      dicts.
+    wrt: the filter of the model's parameters that AMP perturbs; the
+      ``wrt`` of the ``nnx.Optimizer``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     rng_policy: ``"same"`` gives the perturbed passes the snapshot's RNG
       state; ``"fold_in"`` folds ``inner_step`` into each of its keys.
@@ -141,11 +257,12 @@ def make_grad_fn(
     ``optimizer.update(model, grads, grad_fn=grad_fn)``.
   """
   check_policies("clean", rng_policy)
-  snapshot = _Snapshot(model, wrt)
-  grad_and_rest = snapshot.perturbed_grad(loss_fn, args, has_aux, rng_policy)
+  snapshot = _Snapshot(model, args, wrt)
+  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy)
 
   def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
-    grads, _ = grad_and_rest(params, inner_step, snapshot.rest)
+    grads, new_state = grad_and_rest(params, inner_step, snapshot.rest)
+    snapshot.check_taken_before_clean_pass(new_state)
     return grads
 
   return grad_fn
@@ -163,11 +280,13 @@ def amp_step(
 ) -> Any:
   """One AMP training step of an NNX model, in place.
 
-  Runs the clean pass ``loss_fn(model, *args)`` on the live model (its
-  BatchNorm statistics and RNG counters advance as in any training step),
-  then ``optimizer.update(model, grads, grad_fn=...)`` with a pure
-  ``grad_fn`` for the perturbed passes, and finally sets the model's
-  statistics according to ``stats_policy``. Use it inside :func:`nnx.jit`.
+  Runs the clean pass ``loss_fn(model, *args)`` on the live objects (the
+  model's BatchNorm statistics and the RNG counters advance as in any
+  training step, whether the ``nnx.Rngs`` is in the model or among
+  ``args``), then ``optimizer.update(model, grads, grad_fn=...)`` with a pure
+  ``grad_fn`` for the perturbed passes (see :func:`make_grad_fn`), and
+  finally sets the statistics according to ``stats_policy``. Use it inside
+  :func:`nnx.jit`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -198,11 +317,13 @@ def amp_step(
       selects the parameters.
     loss_fn: ``loss_fn(model, *args)`` returning the loss, or ``(loss, aux)``
       if ``has_aux``.
-    *args: the other arguments of ``loss_fn`` (the batch).
+    *args: the other arguments of ``loss_fn``: the batch, and any NNX objects
+      (``nnx.Rngs``, modules, metrics), as in :func:`make_grad_fn`.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    stats_policy: ``"clean"`` keeps the statistics the clean pass left;
-      ``"authors"`` then applies each perturbed pass's updates in turn, as
-      the authors' PyTorch code does (needs ``jax.new_ref``).
+    stats_policy: ``"clean"`` keeps the state the clean pass left;
+      ``"authors"`` then applies each perturbed pass's updates of the
+      non-RNG, non-parameter variables in turn, as the authors' PyTorch code
+      does with BatchNorm statistics (needs ``jax.new_ref``).
     rng_policy: ``"same"`` or ``"fold_in"``, as in :func:`make_grad_fn`.
     tx_kwargs: further keyword arguments for ``tx.update``, e.g.
       ``{"value": loss}``.
@@ -212,9 +333,15 @@ def amp_step(
   """
   check_policies(stats_policy, rng_policy)
   wrt = optimizer.wrt
-  snapshot = _Snapshot(model, wrt)  # before the clean pass mutates the model.
-  grad_and_rest = snapshot.perturbed_grad(loss_fn, args, has_aux, rng_policy)
-  out, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
+  snapshot = _Snapshot(model, args, wrt)  # before the clean pass mutates the live objects.
+  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy)
+
+  def checked_loss(model, *args):
+    out = loss_fn(model, *args)
+    _policies.check_loss_output(out, has_aux, "flax_nnx.amp_step", _AUX_FORM)
+    return out
+
+  out, grads = nnx.value_and_grad(checked_loss, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
       model, *args)
 
   if stats_policy == "clean":
@@ -231,15 +358,18 @@ def amp_step(
         "stats_policy='authors' carries the perturbed passes' statistics out of tx.update in "
         f"mutable array references (jax.new_ref), which JAX {jax.__version__} lacks. Upgrade "
         "JAX or use stats_policy='clean'.")
-  refs = jax.tree.map(jax.new_ref, snapshot.rest_of(model))  # the clean pass's statistics.
+  # The clean pass's state (statistics), of the model and of the NNX objects among args.
+  refs = [jax.new_ref(var.get_value()) for var in snapshot.live_rest]
+  rest_def = jax.tree.structure(snapshot.rest)
 
   def grad_fn(params, inner_step):
-    rest = jax.tree.map(lambda ref: ref[...], refs)
-    grads, new_rest = grad_and_rest(params, inner_step, rest)
-    for ref, value in zip(jax.tree.leaves(refs), jax.tree.leaves(new_rest), strict=True):
+    rest = jax.tree.unflatten(rest_def, [ref[...] for ref in refs])
+    grads, (_, new_rest) = grad_and_rest(params, inner_step, rest)
+    for ref, value in zip(refs, jax.tree.leaves(new_rest), strict=True):
       ref[...] = value
     return grads
 
   optimizer.update(model, grads, grad_fn=grad_fn, **(tx_kwargs or {}))
-  nnx.update(model, jax.tree.map(lambda ref: ref[...], refs))
+  for var, ref in zip(snapshot.live_rest, refs, strict=True):
+    var.set_value(ref[...])
   return out
