@@ -297,13 +297,15 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int = 4,
   """
   if padding == 0:
     return images
-  b, h, w, _ = images.shape
+  b, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                    constant_values=jnp.asarray(pad_value, images.dtype))
   offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
-  rows = offsets[:, 0:1] + jnp.arange(h)  # (B, H)
-  cols = offsets[:, 1:2] + jnp.arange(w)  # (B, W)
-  return padded[jnp.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  # One slice per image (a gather with a batch dimension): on a batch-sharded mesh each device
+  # crops its own rows. Indexing with three index arrays instead made XLA gather or reduce
+  # the whole batch onto every device.
+  crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets)
 
 
 def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:

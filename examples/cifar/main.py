@@ -21,6 +21,15 @@ learning rate 1, one inner step, a norm ball per parameter array.
 
 Outputs go to the run directory (--out-dir; its path is printed at the start and the end):
 config.json, metrics.jsonl (one JSON object per epoch), curves.png and checkpoints/.
+
+Several processes (one per host, or per GPU): start the same command once per process, with
+--coordinator-address HOST:PORT --num-processes N --process-id I (or the environment variables
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with --distributed alone on a
+TPU pod slice or under SLURM, where JAX finds them itself. The mesh then spans all processes'
+devices, --batch-size is the global batch, each process feeds only its rows of each batch,
+and process 0 alone prints and writes the run directory's files, except the checkpoints,
+which all processes write together (use a directory all of them can reach). On one machine:
+python examples/cifar/launch_local.py --num-processes 2 --cpu-devices 2 -- --quick
 """
 
 import argparse
@@ -78,10 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stop after this many epochs in total (the schedule still spans "
                  "--epochs); continue later with --resume")
   g.add_argument("--num-devices", type=int, default=None,
-                 help="data-parallel over the first N local devices (default: all)")
+                 help="data-parallel over the first N local devices (of each process; "
+                 "default: all)")
   g.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
   g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  g = p.add_argument_group(
+      "several processes (jax.distributed; each flag defaults to the environment variable "
+      "named)")
+  g.add_argument("--coordinator-address", default=None,
+                 help="HOST:PORT of process 0, the same for all processes "
+                 "(JAX_COORDINATOR_ADDRESS)")
+  g.add_argument("--num-processes", type=int, default=None,
+                 help="how many processes train together (JAX_NUM_PROCESSES)")
+  g.add_argument("--process-id", type=int, default=None,
+                 help="this process's index, 0..N-1; process 0 writes the outputs "
+                 "(JAX_PROCESS_ID)")
+  g.add_argument("--distributed", action="store_true",
+                 help="join a cluster that JAX detects itself (TPU pod slice, SLURM, Open MPI) "
+                 "for the settings not given; without this or the three above: one process")
 
   g = p.add_argument_group("training recipe (defaults: the AMP paper's)")
   g.add_argument("--epochs", type=int, default=None, help="default: 200 (4 with --quick)")
@@ -127,6 +152,58 @@ def config_from_args(args: argparse.Namespace) -> Config:
       progress=not args.no_progress)
 
 
+def _setting(value: Any, env_var: str, kind: type = str) -> Any:
+  if value is not None:
+    return value
+  raw = os.environ.get(env_var, "").strip()
+  if not raw:
+    return None
+  try:
+    return kind(raw)
+  except ValueError:
+    raise ConfigError(f"{env_var}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def distributed_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+  """The arguments for ``jax.distributed.initialize``, or ``None`` for a single process.
+
+  Flags win over the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
+  and ``JAX_PROCESS_ID``. Without ``--distributed`` either none or all three must be set;
+  with it, those not set are left to JAX's cluster detection.
+
+  Raises:
+    ConfigError: if only some of the three are set (and no ``--distributed``).
+  """
+  settings = {
+      "coordinator_address": _setting(args.coordinator_address, "JAX_COORDINATOR_ADDRESS"),
+      "num_processes": _setting(args.num_processes, "JAX_NUM_PROCESSES", int),
+      "process_id": _setting(args.process_id, "JAX_PROCESS_ID", int),
+  }
+  given = [k for k, v in settings.items() if v is not None]
+  if args.distributed:
+    return settings
+  if not given:
+    return None
+  if len(given) < len(settings):
+    flags = lambda ks: ", ".join("--" + k.replace("_", "-") for k in ks)
+    missing = [k for k in settings if k not in given]
+    raise ConfigError(f"{flags(given)} given but not {flags(missing)}: pass all three (or "
+                      "their JAX_* environment variables), or --distributed to let JAX detect "
+                      "the rest on a TPU pod slice or under SLURM.")
+  return settings
+
+
+def initialize_distributed(settings: dict[str, Any]) -> None:
+  """Joins the processes (``jax.distributed.initialize``) before JAX starts its backends."""
+  import jax
+
+  # CPU processes exchange data through gloo (the default in recent JAX, "none" in older
+  # ones, which cannot run a computation that spans processes).
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**settings)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Command-line entry point; returns the final metrics.
 
@@ -140,14 +217,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = build_parser().parse_args(argv)
   config = config_from_args(args)
   try:
+    settings = distributed_settings(args)
+    if settings is not None:
+      initialize_distributed(settings)
     metrics = train.run(config)
   except (cifar_data.CifarFormatError, FileExistsError, ConfigError) as e:
     if argv is not None:
       raise
     sys.exit(f"error: {e}")
-  if metrics:
+  import jax
+
+  if metrics and jax.process_index() == 0:
     print(f"final: test acc {100 * metrics['test_acc']:.2f}%  test loss "
           f"{metrics['test_loss']:.4f}  train acc {100 * metrics['train_acc']:.2f}%")
+  if settings is not None:
+    jax.distributed.shutdown()
   return metrics
 
 

@@ -20,6 +20,15 @@ match a single device up to float rounding. Everything random derives from ``--s
 epoch number, so ``--resume`` from the per-epoch checkpoint continues exactly as an
 uninterrupted run would.
 
+With several processes (``jax.distributed``, see :mod:`examples.cifar.main`) the mesh spans
+every process's devices. Each process keeps the dataset on the host and sends only its rows of
+each batch to its devices (:func:`global_batch`); the batches (the same permutation) and
+their augmentation (the same keys, drawn inside the jitted step, whose random numbers do not
+depend on how the batch is split) are those of a single-process run, which the results match
+up to float rounding. Metrics come out of the jitted step already reduced over all devices.
+Process 0 prints and writes the run directory's files; the Orbax checkpoints are saved and
+restored by all processes together.
+
 The example is split as Flax's ``examples/imagenet``: :mod:`examples.cifar.config` (settings),
 :mod:`examples.cifar.main` (command line), this module (step and loop),
 :mod:`examples.cifar.run_dir` (what a run writes), :mod:`examples.cifar.models` and
@@ -135,6 +144,10 @@ def make_optimizer(
 def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh (axis ``"batch"``) over the first ``num_devices`` local devices (default all).
 
+  With several processes (``jax.distributed``) the mesh is global: the first ``num_devices``
+  local devices of every process, ordered by process, so that each process holds one contiguous
+  block of every batch (the rows it feeds, see :func:`local_rows`).
+
   The axis is of type ``Auto`` (sharding propagated by the compiler), which ``jax.jit`` data
   parallelism relies on; newer JAX makes ``Explicit`` the default, so it is asked for here.
   """
@@ -144,7 +157,50 @@ def make_data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     raise ValueError(f"num_devices must be in 1..{len(devices)}, got {n}")
   axis_type = getattr(jax.sharding, "AxisType", None)
   kwargs = {"axis_types": (axis_type.Auto,)} if axis_type is not None else {}
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n], **kwargs)
+  if jax.process_count() == 1:
+    return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n], **kwargs)
+  # Not jax.make_mesh: on TPU it may order devices by the physical topology, interleaving
+  # processes along the batch axis.
+  by_process: dict[int, list[Any]] = {}
+  for d in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(d.process_index, []).append(d)
+  if any(len(ds) < n for ds in by_process.values()):
+    raise ValueError(f"num_devices {n} is more than a process's devices: "
+                     f"{ {p: len(ds) for p, ds in by_process.items()} }")
+  grid = np.array([d for p in sorted(by_process) for d in by_process[p][:n]])
+  return jax.sharding.Mesh(grid, (DATA_AXIS,), **kwargs)
+
+
+def local_rows(sharding: jax.sharding.Sharding, global_size: int) -> slice:
+  """The rows of a global batch of ``global_size`` that this process's devices hold.
+
+  Each process feeds (loads, and augments inside the step) only these rows; with one process
+  they are all rows.
+
+  Raises:
+    ValueError: if the rows are not one contiguous block (a mesh not ordered by process).
+  """
+  index_map = sharding.devices_indices_map((global_size,))
+  blocks = sorted({index_map[d][0].indices(global_size)[:2] for d in sharding.addressable_devices})
+  for (_, stop), (start, _) in zip(blocks, blocks[1:]):
+    if stop != start:
+      raise ValueError(f"process {jax.process_index()} holds rows {blocks} of the batch, not one "
+                       "block; order the mesh's devices by process (see make_data_mesh).")
+  return slice(blocks[0][0], blocks[-1][1])
+
+
+def global_batch(sharding: jax.sharding.Sharding, indices: np.ndarray,
+                 *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Global arrays ``a[indices]`` for each host array ``a``, split over ``sharding``.
+
+  Every process passes the same ``indices`` (one global batch) and its own copy of the
+  ``arrays``; it reads only the rows :func:`local_rows` gives it and sends them to its devices
+  (``jax.make_array_from_process_local_data``). With one process that is the whole batch.
+  """
+  local = indices[local_rows(sharding, len(indices))]
+  return tuple(jax.make_array_from_process_local_data(sharding, a[local],
+                                                      (len(indices), *a.shape[1:]))
+               for a in arrays)
 
 
 def init_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
@@ -281,8 +337,29 @@ def _load_data(c: Config) -> cifar_data.CifarData:
 
 
 def _log(c: Config, msg: str) -> None:
-  if c.verbose:
+  if c.verbose and jax.process_index() == 0:
     print(msg, flush=True)
+
+
+def _sync(name: str) -> None:
+  """With several processes: wait until all reach this point (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _to_host(tree: Any) -> Any:
+  """Replicated (global) arrays as numpy: every process holds a whole copy."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def _replicated(tree: Any, sharding: NamedSharding) -> Any:
+  """Host values (the same on every process) as arrays replicated over the mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def train(config: Config) -> TrainResult:
@@ -292,6 +369,14 @@ def train(config: Config) -> TrainResult:
   with ``config.verbose`` its absolute path is printed when the run starts and, with the list
   of what was written there, when it ends.
 
+  With several processes (``jax.distributed.initialize`` called before, as
+  :mod:`examples.cifar.main` does), every process calls this with the same ``config``: the mesh
+  spans all processes' devices and ``batch_size`` is the global batch. Each process feeds
+  only its rows of every batch (:func:`global_batch`); metrics are global (the jitted step
+  reduces them over the mesh); only process 0 prints and writes ``config.json``,
+  ``metrics.jsonl`` and ``curves.png``, while all write and restore the Orbax checkpoints
+  together (the run directory must be on a file system all processes share).
+
   Returns:
     A :class:`TrainResult`; ``history[-1]`` holds the final metrics.
   """
@@ -300,6 +385,9 @@ def train(config: Config) -> TrainResult:
   ds = _load_data(c)
   mesh = make_data_mesh(c.num_devices)
   n_dev = mesh.devices.size
+  n_proc = jax.process_count()
+  multi = n_proc > 1
+  main_process = jax.process_index() == 0
   if c.batch_size % n_dev:
     raise ConfigError(f"batch size {c.batch_size} is not divisible by the {n_dev} devices; "
                       "change --batch-size or --num-devices.")
@@ -309,14 +397,18 @@ def train(config: Config) -> TrainResult:
   steps_per_epoch = n_train // c.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"{n_train} training images make no batch of {c.batch_size}.")
-  run_dir.prepare_out_dir(c)
+  _sync("cifar:checked")  # every process checked the run directory before it changes
+  if main_process:
+    run_dir.prepare_out_dir(c)
+  _sync("cifar:prepared")
   out_dir = os.path.abspath(c.out_dir)
   _log(c, f"run directory: {out_dir}")
   mean, std = cifar_data.MEAN[c.dataset], cifar_data.STD[c.dataset]
+  where = f" in {n_proc} processes" if multi else ""
   _log(c, f"{c.dataset}{' (synthetic)' if c.data_dir is None else ''}: {n_train} train, "
           f"{n_test} test images; {c.model}, {c.optimizer}, {c.epochs} epochs of "
           f"{steps_per_epoch} steps, batch {c.batch_size} on {n_dev} {jax.default_backend()} "
-          f"device(s)")
+          f"device(s){where}")
 
   model = models.get_model(c.model, ds.num_classes, dtype=jnp.dtype(c.dtype))
   schedule = make_lr_schedule(c.lr, c.epochs, steps_per_epoch)
@@ -328,36 +420,49 @@ def train(config: Config) -> TrainResult:
   params, batch_stats, opt_state = init_train_state(
       model, tx, jax.random.fold_in(root_key, 0), ds.train_images.shape[1:], replicated)
 
-  # The data, once, on every device; batches are gathered from it inside the step.
-  train_x = jax.device_put(ds.train_images, replicated)
-  train_y = jax.device_put(ds.train_labels, replicated)
   eval_bs = min(c.eval_batch_size, n_test)
   eval_bs = -(-eval_bs // n_dev) * n_dev
   n_eval_batches = -(-n_test // eval_bs)
   pad = n_eval_batches * eval_bs - n_test
-  test_x = jax.device_put(np.pad(ds.test_images, ((0, pad), (0, 0), (0, 0), (0, 0))), replicated)
-  test_y = jax.device_put(np.pad(ds.test_labels, (0, pad)), replicated)
-  test_w = jax.device_put(np.pad(np.ones(n_test, np.float32), (0, pad)), replicated)
+  test_images = np.pad(ds.test_images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+  test_labels = np.pad(ds.test_labels, (0, pad))
+  test_weights = np.pad(np.ones(n_test, np.float32), (0, pad))
 
   train_step = make_train_step(model, tx, mean=mean, std=std, augment=c.augment,
                                cutout_size=c.cutout, data_sharding=sharded)
   eval_step = make_eval_step(model, mean=mean, std=std, data_sharding=sharded)
 
-  def epoch_step(params, batch_stats, opt_state, totals, images, labels, perm, index, key):
-    idx = jax.lax.dynamic_slice_in_dim(perm, index * c.batch_size, c.batch_size)
-    batch = jax.lax.with_sharding_constraint((images[idx], labels[idx]), sharded)
+  def batch_step(params, batch_stats, opt_state, totals, images, labels, index, key):
     params, batch_stats, opt_state, metrics = train_step(
-        params, batch_stats, opt_state, batch, jax.random.fold_in(key, index))
+        params, batch_stats, opt_state, (images, labels), jax.random.fold_in(key, index))
     totals = jax.tree.map(jnp.add, totals, metrics)
     return params, batch_stats, opt_state, totals
+
+  def epoch_step(params, batch_stats, opt_state, totals, images, labels, perm, index, key):
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * c.batch_size, c.batch_size)
+    images, labels = jax.lax.with_sharding_constraint((images[idx], labels[idx]), sharded)
+    return batch_step(params, batch_stats, opt_state, totals, images, labels, index, key)
 
   def eval_chunk(params, batch_stats, images, labels, weights, index):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, index * eval_bs, eval_bs)
     return eval_step(params, batch_stats, sl(images), sl(labels), sl(weights))
 
-  jit_step = jax.jit(epoch_step, donate_argnums=(0, 1, 2, 3), out_shardings=replicated)
-  jit_eval = jax.jit(eval_chunk, out_shardings=replicated)
   jit_perm = jax.jit(lambda k: jax.random.permutation(k, n_train), out_shardings=replicated)
+  if multi:
+    # Each process keeps the dataset on the host and sends only its rows of each batch; the
+    # batch (indices from the same permutation) and its augmentation (the same key, threefry
+    # being partitionable) are those of a single-process run.
+    jit_step = jax.jit(batch_step, donate_argnums=(0, 1, 2, 3), out_shardings=replicated)
+    jit_eval = jax.jit(eval_step, out_shardings=replicated)
+  else:
+    # The data, once, on every device; batches are gathered from it inside the step.
+    train_x = jax.device_put(ds.train_images, replicated)
+    train_y = jax.device_put(ds.train_labels, replicated)
+    test_x = jax.device_put(test_images, replicated)
+    test_y = jax.device_put(test_labels, replicated)
+    test_w = jax.device_put(test_weights, replicated)
+    jit_step = jax.jit(epoch_step, donate_argnums=(0, 1, 2, 3), out_shardings=replicated)
+    jit_eval = jax.jit(eval_chunk, out_shardings=replicated)
 
   # Resume.
   start_epoch = 0
@@ -376,21 +481,34 @@ def train(config: Config) -> TrainResult:
     _log(c, f"--resume: no checkpoint in {c.out_dir}; starting afresh")
   metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
   history = run_dir.read_history(metrics_path, start_epoch)
-  run_dir.write_history(metrics_path, history)
+  if main_process:
+    run_dir.write_history(metrics_path, history)
 
   # Compile ahead of time, so that epoch times are pure run time.
   t0 = time.perf_counter()
   step_key = jax.random.fold_in(root_key, 2)
+  image_shape = ds.train_images.shape[1:]
   metric_shapes = jax.eval_shape(
       train_step, params, batch_stats, opt_state,
-      (jax.ShapeDtypeStruct((c.batch_size, *ds.train_images.shape[1:]), jnp.uint8),
+      (jax.ShapeDtypeStruct((c.batch_size, *image_shape), jnp.uint8),
        jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)), step_key)[3]
-  zero_totals = lambda: jax.device_put(
+  zero_totals = lambda: _replicated(
       jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), metric_shapes), replicated)
-  perm0 = jit_perm(jax.random.fold_in(root_key, 1))
-  compiled_step = jit_step.lower(params, batch_stats, opt_state, zero_totals(), train_x, train_y,
-                                 perm0, 0, step_key).compile()
-  compiled_eval = jit_eval.lower(params, batch_stats, test_x, test_y, test_w, 0).compile()
+  if multi:
+    batch_spec = lambda n, dtype, shape=(): jax.ShapeDtypeStruct((n, *shape), dtype,
+                                                                 sharding=sharded)
+    compiled_step = jit_step.lower(
+        params, batch_stats, opt_state, zero_totals(),
+        batch_spec(c.batch_size, jnp.uint8, image_shape), batch_spec(c.batch_size, jnp.int32),
+        0, step_key).compile()
+    compiled_eval = jit_eval.lower(
+        params, batch_stats, batch_spec(eval_bs, jnp.uint8, image_shape),
+        batch_spec(eval_bs, jnp.int32), batch_spec(eval_bs, jnp.float32)).compile()
+  else:
+    perm0 = jit_perm(jax.random.fold_in(root_key, 1))
+    compiled_step = jit_step.lower(params, batch_stats, opt_state, zero_totals(), train_x,
+                                   train_y, perm0, 0, step_key).compile()
+    compiled_eval = jit_eval.lower(params, batch_stats, test_x, test_y, test_w, 0).compile()
   compile_time = time.perf_counter() - t0
 
   last_epoch = c.epochs if c.stop_after is None else min(c.epochs, c.stop_after)
@@ -399,25 +517,39 @@ def train(config: Config) -> TrainResult:
   for epoch in range(start_epoch, last_epoch):
     epoch_key = jax.random.fold_in(step_key, epoch)
     perm = jit_perm(jax.random.fold_in(jax.random.fold_in(root_key, 1), epoch))
+    if multi:
+      perm = _to_host(perm)
     totals = zero_totals()
     t0 = time.perf_counter()
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{c.epochs}",
-               disable=None if c.progress else True, leave=False, dynamic_ncols=True)
+               disable=None if c.progress and main_process else True, leave=False,
+               dynamic_ncols=True)
     refresh = max(1, steps_per_epoch // 20)
     for i in bar:
-      params, batch_stats, opt_state, totals = compiled_step(
-          params, batch_stats, opt_state, totals, train_x, train_y, perm, i, epoch_key)
-      if c.progress and (i + 1) % refresh == 0:
-        done = jax.device_get(totals)
+      if multi:
+        images, labels = global_batch(sharded, perm[i * c.batch_size:(i + 1) * c.batch_size],
+                                      ds.train_images, ds.train_labels)
+        params, batch_stats, opt_state, totals = compiled_step(
+            params, batch_stats, opt_state, totals, images, labels, i, epoch_key)
+      else:
+        params, batch_stats, opt_state, totals = compiled_step(
+            params, batch_stats, opt_state, totals, train_x, train_y, perm, i, epoch_key)
+      if c.progress and main_process and (i + 1) % refresh == 0:
+        done = _to_host(totals)
         bar.set_postfix(loss=f"{done['loss'] / (i + 1):.3f}",
                         acc=f"{100 * done['accuracy'] / (i + 1):.1f}%")
-    totals = jax.device_get(totals)
+    totals = _to_host(totals)
     epoch_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sums = [compiled_eval(params, batch_stats, test_x, test_y, test_w, j)
-            for j in range(n_eval_batches)]
-    loss_sum, correct_sum = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    if multi:
+      sums = [compiled_eval(params, batch_stats, *global_batch(
+          sharded, np.arange(j * eval_bs, (j + 1) * eval_bs), test_images, test_labels,
+          test_weights)) for j in range(n_eval_batches)]
+    else:
+      sums = [compiled_eval(params, batch_stats, test_x, test_y, test_w, j)
+              for j in range(n_eval_batches)]
+    loss_sum, correct_sum = np.sum(np.asarray(_to_host(sums), np.float64), axis=0)
     eval_time = time.perf_counter() - t0
 
     row = {
@@ -439,10 +571,12 @@ def train(config: Config) -> TrainResult:
     if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
       _log(c, f"warning: non-finite loss at epoch {epoch + 1}")
     history.append(row)
-    run_dir.write_history(metrics_path, history)
+    if main_process:
+      run_dir.write_history(metrics_path, history)
     if manager is not None:
       import orbax.checkpoint as ocp
 
+      # Every process saves: each writes the shards its devices hold.
       manager.save(epoch + 1, args=ocp.args.StandardSave(
           {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}))
     _log(c, f"epoch {epoch + 1:4d}/{c.epochs}  lr {row['lr']:.4g}  "
@@ -453,7 +587,7 @@ def train(config: Config) -> TrainResult:
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
-  if c.plot and history:
+  if c.plot and history and main_process:
     run_dir.plot_curves(history, os.path.join(c.out_dir, "curves.png"),
                         f"{c.dataset} {c.model} {c.optimizer}")
   _log(c, f"wrote {', '.join(run_dir.written_outputs(out_dir))} in run directory {out_dir}")
