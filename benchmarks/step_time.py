@@ -12,7 +12,9 @@ same model on the same batch for
 Each step time is the median over ``--iters`` calls after ``--warmup`` calls, each call waited
 for (``block_until_ready``); the variants are interleaved in ``--rounds`` rounds so that a
 machine whose load drifts affects them alike. Ratios are to the ERM step of the same framework in
-the same run.
+the same run. The cheaper-step rows (``ascent_every = k``) time one call as a whole period of k
+steps and report its time / k: the mean cost of a step. Their ``py`` variants decide the ascent
+steps in Python (``update(..., ascend=bool)``, two compiled steps) instead of amp's ``lax.cond``.
 
 Memory: from the compiled executable's ``memory_analysis()`` (argument + output + temporary
 buffers, minus donated buffers that alias an output), the difference to the ERM step in units of
@@ -185,15 +187,20 @@ class JaxRunner:
       self.compiled_clean = jax.jit(make_train_step(model, tx, False), donate_argnums=0).lower(
           self.state, x, y).compile()
     self.calls = 0
+    # With ascent_every = k a timed call is one whole period of k steps (one ascent step and
+    # k - 1 without), so that the per-step time is a mean over the period, not the median of
+    # two kinds of step.
+    self.steps_per_call = variant.ascent_every or 1
     self.loss = float("nan")
 
   def __call__(self) -> None:
-    compiled = self.compiled
-    if self.every and self.calls % self.every:
-      compiled = self.compiled_clean
-    self.calls += 1
-    self.state, loss = compiled(self.state, self.x, self.y)
-    jax.block_until_ready((self.state, loss))
+    for _ in range(self.steps_per_call):
+      compiled = self.compiled
+      if self.every and self.calls % self.every:
+        compiled = self.compiled_clean
+      self.calls += 1
+      self.state, loss = compiled(self.state, self.x, self.y)
+      jax.block_until_ready((self.state, loss))
     self.loss = loss
 
 
@@ -327,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   results = []
   erm_ms = {}
   for r in runners:
-    t = np.asarray(times[id(r)]) * 1e3
+    t = np.asarray(times[id(r)]) * 1e3 / getattr(r, "steps_per_call", 1)
     v = r.variant
     row = {
         "name": v.name, "framework": v.framework, "method": v.method,
