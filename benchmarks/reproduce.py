@@ -23,6 +23,8 @@ Presets (any flag given explicitly overrides the preset)::
     python -m benchmarks.reproduce --preset gpu          # PreActResNet18, all 50,000, 3 seeds
     python -m benchmarks.reproduce --preset paper        # + the paper's 200 epochs, batch 50
     python -m benchmarks.reproduce --smoke               # CI: seconds, synthetic data
+    python -m benchmarks.reproduce --preset study-sweep  # the CPU study (benchmarks/study.py):
+    python -m benchmarks.reproduce --preset study-final  #   epsilon/rho sweeps, then 5 seeds
 
 Writes ``reproduce_<preset>[_sweep].json`` and ``.md`` to ``benchmarks/results/`` (or ``--out``).
 """
@@ -450,7 +452,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def _study_preset(argv: list[str]) -> bool:
+  """Whether ``argv`` names one of :mod:`benchmarks.study`'s presets (``study-*``)."""
+  for i, a in enumerate(argv):
+    value = a.split("=", 1)[1] if a.startswith("--preset=") else (
+        argv[i + 1] if a == "--preset" and i + 1 < len(argv) else None)
+    if value is not None and value.startswith("study"):
+      return True
+  return False
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if _study_preset(argv):
+    # The regulariser study has its own harness (Python-driven steps, paired seeds, sweeps).
+    from benchmarks import study  # pylint: disable=g-import-not-at-top
+    return study.main(argv)
   out = run(parse_args(argv))
   print(out["markdown"])
   print("written: " + ", ".join(out["paths"]))

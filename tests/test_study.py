@@ -1,0 +1,147 @@
+"""Smoke tests of benchmarks/study.py on synthetic data (seconds), and of its pieces.
+
+* the Python-dispatched cheaper step (two jitted steps alternated from Python) matches the
+  library's ``amp(..., ascent_every=k, between_ascents=...)`` (one ``lax.cond``) step by step;
+* the paired t-interval matches a hand computation;
+* the sweep's selection picks the best validation accuracy, never the test accuracy;
+* the whole table runs end to end (``study-smoke``), writes JSON / markdown / plots, and resumes
+  without redoing finished runs.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import study
+
+
+def _batch(n, seed):
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+          rng.integers(0, 10, (n,)).astype(np.int32))
+
+
+@pytest.mark.parametrize("between", ["clean", "reuse"])
+def test_python_dispatched_step_matches_library_cond(between):
+  model = study.get_model("micro")
+  # With augmentation: both forms draw the same crops and flips from the same keys.
+  config = study.Config("micro", True, 16, 0, 1, 16, lr=0.1)
+  setting = study.Setting("amp", epsilon=0.05, radius="relative", ascent_every=2,
+                          between=between)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  runs = []
+  for dispatch in ("cond", "python"):
+    s = study.Setting(**{**setting.as_dict(), "dispatch": dispatch})
+    init, step = study.make_runner(model, s, config, 20)
+    params = jax.tree.map(jnp.array, variables["params"])
+    stats = jax.tree.map(jnp.array, variables["batch_stats"])
+    opt_state = init(params)
+    trace = []
+    for i in range(3):  # ascent, in between (clean or reuse), ascent
+      x, y = _batch(16, i)
+      params, stats, opt_state, loss, _ = step(params, stats, opt_state, x, y,
+                                               jax.random.key(i))
+      trace.append(jax.tree.map(np.asarray, params))
+    runs.append(trace)
+  clean_sgd = study.Setting("erm")
+  init, step = study.make_runner(model, clean_sgd, config, 20)
+  params = jax.tree.map(jnp.array, variables["params"])
+  stats = jax.tree.map(jnp.array, variables["batch_stats"])
+  opt_state = init(params)
+  x, y = _batch(16, 0)
+  erm_first, *_ = step(params, stats, opt_state, x, y, jax.random.key(0))
+  for a, b in zip(*runs, strict=True):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-6)
+  # The first step ascends: it must differ from plain SGD's, else the check above is vacuous.
+  diff = max(float(np.max(np.abs(u - np.asarray(v)))) for u, v in
+             zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(erm_first), strict=True))
+  assert diff > 1e-5
+
+
+def test_paired_ci_matches_hand_computation():
+  a = [0.60, 0.62, 0.61, 0.65, 0.63]
+  b = [0.58, 0.61, 0.60, 0.61, 0.60]
+  d = np.array(a) - np.array(b)
+  out = study.paired_ci(a, b)
+  half = 2.7764451051977987 * d.std(ddof=1) / math.sqrt(5)  # t_{0.975, 4}
+  assert out["n"] == 5
+  assert out["mean"] == pytest.approx(d.mean())
+  assert out["lo"] == pytest.approx(d.mean() - half)
+  assert out["hi"] == pytest.approx(d.mean() + half)
+
+
+def test_choice_uses_validation_not_test_accuracy():
+  def row(setting, val, test):
+    return {"setting": setting.as_dict(),
+            "runs": {"0": {"val_acc": val, "test_acc": test}}}
+  good_val = study.Setting("amp", epsilon=0.1, radius="relative")
+  good_test = study.Setting("amp", epsilon=0.5)
+  sam = study.Setting("sam", rho=0.05)
+  sweep = {"groups": [{"config": {"model": "tiny"}, "rows": [
+      row(study.Setting("erm"), 0.9, 0.9), row(good_val, 0.6, 0.4), row(good_test, 0.5, 0.7),
+      row(sam, 0.5, 0.5)]}]}
+  choice, how = study.choose_from_sweep(sweep, "tiny")
+  assert choice["amp"] == good_val and choice["sam"] == sam
+  assert "sweep" in how
+  choice, how = study.choose_from_sweep(sweep, "mid")
+  assert choice == study.FALLBACK_CHOICE and "fallback" in how
+
+
+def test_smoke_table_end_to_end_and_resume(tmp_path, capsys):
+  # The aug and paper blocks only repeat rows with other configs: left out to save compiles.
+  args = ["--preset", "study-smoke", "--out-dir", str(tmp_path), "--work-dir",
+          str(tmp_path / "work"), "--blocks", "core", "cheaper"]
+  out = study.main(args)
+  path = tmp_path / "study_smoke.json"
+  saved = json.loads(path.read_text())
+  assert (tmp_path / "study_smoke.md").exists()
+  assert (tmp_path / "study_smoke_sharpness.png").stat().st_size > 0
+  labels = [r["label"] for r in saved["groups"][0]["rows"]]
+  assert labels[0] == "ERM" and any("every=2 reuse" in lab for lab in labels)
+  assert [g["config"]["augment"] for g in saved["groups"]] == [False]
+  for g in saved["groups"]:
+    for r in g["rows"]:
+      assert sorted(r["runs"]) == ["0", "1"], r["label"]
+      for run in r["runs"].values():
+        for k in ("test_acc", "val_acc", "train_loss", "hessian_top_eigenvalue",
+                  "perturb_increase"):
+          assert math.isfinite(run[k]), (r["label"], k)
+      if r["label"] != "ERM":
+        ci = r["summary"]["test_acc_minus_erm"]
+        assert ci["n"] == 2 and ci["lo"] <= ci["mean"] <= ci["hi"]
+  timing = saved["step_time"]["micro"]
+  assert timing[0]["label"] == "ERM" and timing[0]["ratio_vs_erm"] == 1.0
+  assert any("(python)" in r["label"] for r in timing)
+  assert all(r["ms_median"] > 0 for r in timing)
+  assert "| ERM |" in out["markdown"]
+  # A second call finds every run done: it trains nothing and keeps the numbers.
+  capsys.readouterr()
+  study.main(args + ["--skip-timing"])
+  assert "seed" not in capsys.readouterr().out.split("# study-smoke")[0]
+  again = json.loads(path.read_text())
+  assert again["groups"][0]["rows"][0]["runs"] == saved["groups"][0]["rows"][0]["runs"]
+
+
+def test_real_presets_say_when_data_is_missing(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "BUILD_PY", str(tmp_path / "absent" / "build.py"))
+  with pytest.raises(SystemExit, match="no data"):
+    study.main(["--preset", "study-sweep", "--out-dir", str(tmp_path)])
+  assert not os.path.exists(tmp_path / "study_sweep.json")
+
+
+def test_reproduce_dispatches_study_presets(monkeypatch):
+  from benchmarks import reproduce  # pylint: disable=g-import-not-at-top
+
+  calls = []
+  monkeypatch.setattr(study, "main", lambda argv: calls.append(argv) or {"ok": True})
+  assert reproduce.main(["--preset", "study-final", "--models", "mid"]) == {"ok": True}
+  assert reproduce.main(["--preset=study-sweep"]) == {"ok": True}
+  assert calls == [["--preset", "study-final", "--models", "mid"], ["--preset=study-sweep"]]
+  assert not reproduce._study_preset(["--preset", "cpu", "--sweep"])
+  assert not reproduce._study_preset(["--smoke"])
