@@ -435,14 +435,14 @@ def amp(
               for m, p in zip(_mask_leaves(mask, params), param_leaves)]
     idx = [i for i, c in enumerate(chosen) if c]
 
-    if radius == "absolute":
-      ball = eps
-    elif norm == "per_tensor":
-      ball = [eps * _projection.l2_norm(param_leaves[i]) for i in idx]
-    else:
-      ball = eps * _projection.global_l2_norm([param_leaves[i] for i in idx])
+    def ball_radius():
+      if radius == "absolute":
+        return eps
+      if norm == "per_tensor":
+        return [eps * _projection.l2_norm(param_leaves[i]) for i in idx]
+      return eps * _projection.global_l2_norm([param_leaves[i] for i in idx])
 
-    def ascend(delta, grad_leaves):
+    def ascend(delta, grad_leaves, ball):
       # In at least float32 (Delta is carried so): an fp16 step inner_lr * g may overflow
       # before the projection brings it back into the ball.
       stepped = [d + lr * grad_leaves[i].astype(d.dtype) for d, i in zip(delta, idx)]
@@ -474,15 +474,17 @@ def amp(
       return [n.astype(o.dtype) if _perturbable(o) else n
               for n, o in zip(new, old)]
 
-    def body(step, carry):
-      delta, grad_leaves = carry
-      delta = ascend(delta, grad_leaves)
-      return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
-
     first = [jnp.asarray(u) for u in update_leaves]
     inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
 
     def with_ascent():
+      ball = ball_radius()  # here, so steps without an ascent do not compute norms
+
+      def body(step, carry):
+        delta, grad_leaves = carry
+        delta = ascend(delta, grad_leaves, ball)
+        return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
+
       # zeros_like keeps the parameters' shardings (a loop carry must not change type).
       delta0 = [jnp.zeros_like(param_leaves[i], _projection.accumulation_dtype(
           param_leaves[i].dtype)) for i in idx]
