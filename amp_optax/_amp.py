@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amp_optax import _ascent
 from amp_optax import _call_checks
+from amp_optax import _mapped_axes
 from amp_optax import _projection
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -50,8 +52,9 @@ class AmpState(NamedTuple):
 
 
 def _check_non_negative(name: str, value: Any) -> None:
-  """Rejects a negative concrete scalar; schedules and tracers pass through."""
+  """Rejects a negative concrete scalar, or a schedule negative at a probed step."""
   if callable(value):
+    _probe_schedule(name, value)
     return
   if isinstance(value, (str, bytes, bool, np.bool_)) or (
       hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.number)):
@@ -111,17 +114,72 @@ def _raise_if_negative(name: str, value: Any) -> None:
         "the value set through optax.inject_hyperparams.")
 
 
-def _checked_at_runtime(name: str, value: Any) -> Any:
-  """``value``, checked >= 0 now if concrete, else when the compiled step runs.
+def _checked_on_host(name: str, value: Any) -> Any:
+  """``value``, checked >= 0 now if concrete, else by a host callback when the step runs.
 
-  A schedule's value or an injected hyper-parameter is traced, so a negative
-  one can only be caught on the device; a host callback raises it there.
+  Only with ``debug_checks=True``: the callback is a device-to-host round-trip
+  in every step, and a compiled step holding one can be neither cached nor
+  exported.
   """
   try:
     _raise_if_negative(name, value)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     jax.debug.callback(functools.partial(_raise_if_negative, name), value)
   return value
+
+
+def _is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _nan_if_negative(grad_leaves: list[Any], eps: Any, lr: Any) -> list[Any]:
+  """NaN updates where a traced ``epsilon`` or ``inner_lr`` is negative (or NaN).
+
+  Concrete values were checked when ``amp`` was built; a value traced in the
+  step (a schedule's, or one set through ``optax.inject_hyperparams``) is
+  checked on the device without a host round-trip: a negative one would turn
+  the ascent into a descent, so the update becomes NaN instead of quietly
+  different (``optax.apply_if_finite`` skips such steps; the loss shows it).
+  """
+  traced = [v for v in (eps, lr) if _is_traced(v)]
+  if not traced:
+    return grad_leaves
+  valid = functools.reduce(jnp.logical_and, [jnp.asarray(v) >= 0 for v in traced])
+  return [jnp.where(valid, g, jnp.nan) if _perturbable(g) else g for g in grad_leaves]
+
+
+# Steps at which a schedule of epsilon or inner_lr is probed when amp is built: every step
+# of a short run, then log-spaced steps of long ones.
+_PROBED_STEPS = np.unique(np.concatenate([
+    np.arange(1024), np.geomspace(1024, 2**24, 64).astype(np.int64)])).astype(np.int32)
+
+
+def _probe_schedule(name: str, schedule: Any) -> None:
+  """Raises if ``schedule`` is negative (or NaN) at a probed step; silent if it cannot be probed.
+
+  A schedule's value is traced in the compiled step, where only a device-side
+  outcome (NaN updates) is possible; most mistakes (a decay that crosses zero,
+  a sign error) show within the probed steps, here, before training starts.
+  """
+  try:
+    with jax.ensure_compile_time_eval():
+      values = np.asarray(schedule(jnp.asarray(_PROBED_STEPS)), np.float64)
+    if values.shape != _PROBED_STEPS.shape:
+      raise ValueError("not elementwise")
+    steps = _PROBED_STEPS
+  except Exception:  # a schedule written for scalar counts only: probe fewer steps.
+    steps = _PROBED_STEPS[:64]
+    try:
+      with jax.ensure_compile_time_eval():
+        values = np.array([float(np.asarray(schedule(jnp.asarray(c)))) for c in steps])
+    except Exception:
+      return  # it cannot be evaluated outside the step; the device-side check remains.
+  bad = np.flatnonzero(~(values >= 0))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(
+        f"amp(): the schedule given as `{name}` is {values[i]} at step {int(steps[i])}; it must "
+        "be >= 0 at every step (a negative radius or step turns the ascent into descent).")
 
 
 def _resolve_unroll(unroll: int | bool | None) -> int | bool:
@@ -199,6 +257,7 @@ def amp(
     radius: str = "absolute",
     ascent_every: int | None = None,
     between_ascents: str = "clean",
+    debug_checks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adversarial Model Perturbation: gradient at the worst point of a ball.
 
@@ -278,16 +337,19 @@ def amp(
       this, not :func:`optax.masked` or :func:`optax.multi_transform` around
       ``amp``: those hide the other parameters from ``grad_fn``. Under
       :func:`optax.inject_hyperparams` list ``"mask"`` in ``static_args``.
-    batch_axis_name: under :func:`jax.pmap` or :func:`jax.shard_map` with
-      per-device batches, the axis over which the gradients returned by
-      ``grad_fn`` are averaged (:func:`jax.lax.pmean`) so that all devices
-      share one ``Delta``, as on a single device. The incoming ``updates``
-      are taken as already averaged. Under :func:`jax.jit` with sharded
-      arrays leave it ``None``: gradients are global already. In a
-      ``shard_map`` with ``check_vma=True``, gradients of replicated
-      parameters come out already summed over the axis; averaging them again
-      here is wrong, so either divide your loss by the axis size and leave
-      this ``None``, or compute gradients of per-device losses.
+    batch_axis_name: under a named mapped axis (:func:`jax.pmap`,
+      :func:`jax.shard_map`, a named :func:`jax.vmap`) with per-device
+      batches, the axis (a name, or a tuple of names) over which the
+      gradients returned by ``grad_fn`` are averaged (:func:`jax.lax.pmean`)
+      so that all devices share one ``Delta``, as on a single device; the
+      incoming ``updates`` must be averaged already (as for plain training).
+      ``()`` says that ``grad_fn`` returns averaged gradients itself. Under
+      :func:`jax.jit` with sharded arrays leave it ``None``: gradients are
+      global already. Under a named axis ``None`` is an error, unless JAX
+      shows the gradients do not vary over it (``shard_map`` with
+      ``check_vma=True``, where gradients of replicated parameters come out
+      summed): left out there, each device would ascend and step with its
+      own gradient and the replicas would drift apart.
     unroll: the ``unroll`` of the ``K > 1`` :func:`jax.lax.fori_loop`: an
       int >= 1 or a bool (``True`` unrolls all ``K`` steps). The default,
       ``None``, decides by :func:`jax.default_backend` when the step is
@@ -317,6 +379,21 @@ def amp(
       a loop (measured: an ascent step about 10x slower), decide in Python
       instead: ``update(..., ascend=step % k == 0)`` with ``ascend`` a static
       argument of the jitted step (two compiled steps, no ``lax.cond``).
+
+    debug_checks: also check, by a host callback in the compiled step, that
+      a traced ``epsilon`` or ``inner_lr`` is >= 0, raising an error where
+      it is not. Off by default: the callback is a device-to-host round-trip
+      in every step, and a step that holds one cannot be stored in JAX's
+      persistent compilation cache nor serialised by :mod:`jax.export`.
+
+  Negative values. A negative ``epsilon`` or ``inner_lr`` would turn the
+  ascent into a descent. A float is checked when ``amp`` is built; a schedule
+  is evaluated then at steps 0 to 1023 and at 64 log-spaced steps up to
+  2**24, and a negative value at any of them raises. A value traced in the
+  step (a schedule's at other steps, or one set through
+  :func:`optax.inject_hyperparams`) that is negative or NaN makes that step's
+  updates NaN, without a host round-trip: :func:`optax.apply_if_finite`
+  skips such steps, and the loss shows them.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -375,8 +452,7 @@ def amp(
         "'inner_steps', 'mask')).) To switch AMP off use inner_steps=0.")
   if mask is not None and not callable(mask):
     jax.tree.leaves(mask)  # a malformed mask fails here, not mid-training.
-  project = (_projection.project_per_tensor if norm == "per_tensor"
-             else _projection.project_global)
+  axis_names = _mapped_axes.normalise(batch_axis_name)
 
   def init_fn(params: optax.Params) -> AmpState:
     _mask_leaves(mask, params)  # structure errors at init, not at step 1.
@@ -423,37 +499,31 @@ def amp(
         "updates", updates, params,
         "Pass the gradient of the loss w.r.t. exactly these params.")
 
-    eps = _checked_at_runtime("epsilon", _value_at(epsilon, state.count))
-    lr = _checked_at_runtime("inner_lr", _value_at(inner_lr, state.count))
+    eps = _value_at(epsilon, state.count)
+    lr = _value_at(inner_lr, state.count)
+    if debug_checks:
+      eps = _checked_on_host("epsilon", eps)
+      lr = _checked_on_host("inner_lr", lr)
 
     param_leaves, treedef = jax.tree.flatten(params)
     update_leaves = treedef.flatten_up_to(updates)
     _call_checks.check_leaves_match(
         "the gradient passed as `updates`", update_leaves, params,
         "Pass the gradient of the loss w.r.t. exactly these params.")
-    chosen = [m and _perturbable(p)
-              for m, p in zip(_mask_leaves(mask, params), param_leaves)]
-    idx = [i for i, c in enumerate(chosen) if c]
+    _mapped_axes.check_averaged(
+        "the clean gradient passed as `updates`", update_leaves, param_leaves, axis_names)
+    if axis_names:
+      _mapped_axes.check_bound(axis_names)
+    chosen = [i for i, (m, p) in enumerate(zip(_mask_leaves(mask, params), param_leaves))
+              if m and _perturbable(p)]
+    inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
+    first = [jnp.asarray(u) for u in update_leaves]
+    # Before the ascent, so the clean gradient need not be kept for it.
+    clean_grad_norm = _inexact_norm(first)
 
-    def ball_radius():
-      if radius == "absolute":
-        return eps
-      if norm == "per_tensor":
-        return [eps * _projection.l2_norm(param_leaves[i]) for i in idx]
-      return eps * _projection.global_l2_norm([param_leaves[i] for i in idx])
-
-    def ascend(delta, grad_leaves, ball):
-      # In at least float32 (Delta is carried so): an fp16 step inner_lr * g may overflow
-      # before the projection brings it back into the ball.
-      stepped = [d + lr * grad_leaves[i].astype(d.dtype) for d, i in zip(delta, idx)]
-      return project(stepped, ball)
-
-    def perturbed_grad(delta, step):
-      leaves = list(param_leaves)
-      for d, i in zip(delta, idx):
-        leaves[i] = leaves[i] + d.astype(leaves[i].dtype)
+    def grads_at(perturbed_leaves, inner_step):
       try:
-        grads = grad_fn(jax.tree.unflatten(treedef, leaves), step)
+        grads = grad_fn(jax.tree.unflatten(treedef, perturbed_leaves), inner_step)
       except Exception as e:
         _call_checks.note_grad_fn_failure(e)
         raise
@@ -465,38 +535,20 @@ def amp(
       _call_checks.check_leaves_match(
           "grad_fn's output", grad_leaves, params,
           "grad_fn(params, inner_step) must return the gradient w.r.t. its first argument.")
-      if batch_axis_name is not None:
-        grad_leaves = jax.lax.pmean(grad_leaves, axis_name=batch_axis_name)
+      if axis_names:
+        grad_leaves = jax.lax.pmean(grad_leaves, axis_name=axis_names)
+      _mapped_axes.check_averaged("grad_fn's output", grad_leaves, param_leaves, axis_names)
       return grad_leaves
 
-    def keep_dtypes(new, old):
-      # A loop carry must keep its dtypes, whatever grad_fn returns.
-      return [n.astype(o.dtype) if _perturbable(o) else n
-              for n, o in zip(new, old)]
-
-    first = [jnp.asarray(u) for u in update_leaves]
-    inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
-
     def with_ascent():
-      ball = ball_radius()  # here, so steps without an ascent do not compute norms
-
-      def body(step, carry):
-        delta, grad_leaves = carry
-        delta = ascend(delta, grad_leaves, ball)
-        return delta, keep_dtypes(perturbed_grad(delta, step), grad_leaves)
-
-      # zeros_like keeps the parameters' shardings (a loop carry must not change type).
-      delta0 = [jnp.zeros_like(param_leaves[i], _projection.accumulation_dtype(
-          param_leaves[i].dtype)) for i in idx]
-      if num_steps == 1:
-        delta, grad_leaves = body(0, (delta0, first))
-      else:
-        delta, grad_leaves = jax.lax.fori_loop(
-            0, num_steps, body, (delta0, first), unroll=_resolve_unroll(unroll))
+      # The ball here, so steps without an ascent do not compute the parameters' norms.
+      ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, radius)
+      grad_leaves, delta_norm = _ascent.ascend(
+          param_leaves, first, grads_at, chosen=chosen, ball=ball, inner_lr=lr,
+          num_steps=num_steps, unroll=_resolve_unroll(unroll))
       correction = state.correction
       if reuse:
         correction = tuple(grad_leaves[i] - first[i] for i in inexact)
-      delta_norm = _projection.global_l2_norm(delta).astype(jnp.float32)
       return grad_leaves, delta_norm, correction
 
     def without_ascent():
@@ -516,11 +568,12 @@ def amp(
       grad_leaves, delta_norm, correction = jax.lax.cond(
           state.count % every == 0, with_ascent, without_ascent)
 
+    grad_leaves = _nan_if_negative(grad_leaves, eps, lr)
     new_updates = jax.tree.unflatten(treedef, grad_leaves)
     new_state = AmpState(
         count=count,
         delta_norm=delta_norm,
-        clean_grad_norm=_inexact_norm(update_leaves),
+        clean_grad_norm=clean_grad_norm,
         perturbed_grad_norm=_inexact_norm(grad_leaves),
         correction=correction,
     )

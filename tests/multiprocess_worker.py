@@ -217,7 +217,9 @@ def run_case(case: dict) -> dict:
       for k, s in shardings.items()}
 
   use_shard_map = kind in ("shard_map", "local_grads", "no_axis_name")
-  axis_name = "data" if kind == "shard_map" else None
+  # "local_grads"/"no_axis_name" leave the averaging out on purpose (batch_axis_name=(), the
+  # explicit opt-out; None raises under a mapped axis) to show that the tolerance catches it.
+  axis_name = {"shard_map": "data", "local_grads": (), "no_axis_name": ()}.get(kind)
   tx = make_tx(case["inner_steps"], case["norm"], batch_axis_name=axis_name)
 
   with jax.set_mesh(mesh):

@@ -628,26 +628,59 @@ def _run_update(tx, params, batch):
   return jax.block_until_ready(updates)
 
 
-def test_negative_epsilon_from_a_schedule_raises_when_it_is_reached():
+def test_schedule_negative_at_a_probed_step_raises_at_construction():
+  with pytest.raises(ValueError, match=r"`epsilon` is -0.5 at step 1"):
+    amp_optax.amp(lambda count: 0.5 - 1.0 * count)  # 0.5 at step 0, negative after
+  # The first probed step past 1023 at or after 2000 (log-spaced probes).
+  with pytest.raises(ValueError, match=r"`inner_lr` is -1.0 at step 2211"):
+    amp_optax.amp(0.1, inner_lr=lambda count: jnp.where(count >= 2000, -1.0, 1.0))
+
+
+def test_scalar_only_schedule_is_probed_over_its_first_steps():
+  def schedule(count):  # Python control flow: fails on an array of counts
+    return 0.1 if int(count) < 10 else -0.1
+  with pytest.raises(ValueError, match=r"`epsilon` is -0.1 at step 10"):
+    amp_optax.amp(schedule)
+
+
+@pytest.mark.parametrize("debug_checks", [False, True])
+def test_negative_epsilon_past_the_probed_steps_gives_nan_updates(debug_checks):
   params, batch = mlp_params(), make_batch()
-  tx = amp_optax.amp(lambda count: 0.5 - 1.0 * count)  # 0.5 at step 0, negative after
+  # Negative from step 2**25 on, beyond the probed steps: only the device sees it.
+  tx = amp_optax.amp(lambda count: jnp.where(count >= 2**25, -0.5, 0.5),
+                     debug_checks=debug_checks)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(
       lambda q, _: mlp_loss(q, batch))))
   grads = jax.grad(mlp_loss)(params, batch)
-  _, state = step(grads, tx.init(params), params)  # epsilon(0) = 0.5: fine
-  with pytest.raises(Exception, match=r"`epsilon` evaluated to -0.5"):
-    jax.block_until_ready(step(grads, state, params))
+  updates, _ = step(grads, tx.init(params), params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(updates))  # epsilon(0) = 0.5: fine
+  late = tx.init(params)._replace(count=jnp.asarray(2**25, jnp.int32))
+  if debug_checks:  # the opt-in host check raises
+    with pytest.raises(Exception, match=r"`epsilon` evaluated to -0.5"):
+      jax.block_until_ready(step(grads, late, params))
+  else:
+    updates, _ = step(grads, late, params)
+    assert all(np.isnan(x).all() for x in jax.tree.leaves(updates))
 
 
-def test_negative_injected_epsilon_raises():
+def test_negative_injected_epsilon_gives_nan_updates_that_apply_if_finite_skips():
   params, batch = mlp_params(), make_batch()
   tx = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps",))(epsilon=0.5)
   state = tx.init(params)
   state.hyperparams["epsilon"] = jnp.asarray(-0.1)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(
       lambda q, _: mlp_loss(q, batch))))
-  with pytest.raises(Exception, match=r"`epsilon` evaluated to -0.1"):
-    jax.block_until_ready(step(jax.grad(mlp_loss)(params, batch), state, params))
+  grads = jax.grad(mlp_loss)(params, batch)
+  updates, _ = step(grads, state, params)
+  assert all(np.isnan(x).all() for x in jax.tree.leaves(updates))
+  # apply_if_finite after amp sees amp's output (around the whole chain, only the clean input).
+  guarded = optax.chain(tx, optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3))
+  guarded_state = guarded.init(params)
+  guarded_state[0].hyperparams["epsilon"] = jnp.asarray(-0.1)
+  updates, guarded_state = jax.jit(lambda g, s, p: guarded.update(g, s, p, grad_fn=jax.grad(
+      lambda q, _: mlp_loss(q, batch))))(grads, guarded_state, params)
+  assert int(guarded_state[1].notfinite_count) == 1
+  assert all((np.asarray(x) == 0).all() for x in jax.tree.leaves(updates))  # step skipped
 
 
 def test_injected_unroll_without_static_args_says_what_to_do():

@@ -99,23 +99,27 @@ def test_pmap_with_batch_axis_name_matches_one_device(norm):
                              rtol=1e-5)
 
 
-def test_pmap_without_batch_axis_name_differs():
-  """Guards the test above: without the mean each device has its own Delta."""
+def test_pmap_without_batch_axis_name_raises_and_empty_tuple_opts_out():
+  """Without the mean each device would have its own Delta: an error, unless chosen with ()."""
   x, y = batch()
   xs, ys = x.reshape(N_DEV, -1, 6), y.reshape(N_DEV, -1, 3)
-  tx = make_tx("per_tensor", batch_axis_name=None)
   params = init_params()
+  replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV,) + a.shape), params)
 
-  @partial(jax.pmap, axis_name="batch")
-  def step(params, x, y):
-    grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "batch")
-    updates, _ = tx.update(grads, tx.init(params), params,
-                           grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
-    return updates
+  def run(tx):
+    @partial(jax.pmap, axis_name="batch")
+    def step(params, x, y):
+      grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), "batch")
+      updates, _ = tx.update(grads, tx.init(params), params,
+                             grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
+      return updates
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      return step(replicated, xs, ys)
 
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    updates = step(jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV,) + a.shape), params), xs, ys)
+  with pytest.raises(ValueError, match=r"batch_axis_name='batch'"):
+    run(make_tx("per_tensor", batch_axis_name=None))
+  updates = run(make_tx("per_tensor", batch_axis_name=()))  # per-device ascent, on purpose
   spread = float(jnp.max(jnp.abs(updates["w1"][0] - updates["w1"][1])))
   assert spread > 1e-6
 

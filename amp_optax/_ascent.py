@@ -1,0 +1,129 @@
+"""The AMP ascent itself: the ball, one projected ascent step, and K of them.
+
+Pure functions on lists of arrays (the perturbed parameter leaves, in order).
+The ``grad_fn`` mode of :func:`amp_optax.amp` runs all ``K`` steps in one
+``update``; the drop-in mode runs one step per ``update`` call; grouped ascent
+maps :func:`ascend` over groups. All of them call these functions, so the
+step, the projection and the radius are written once.
+
+Arithmetic is in at least float32 (float64 stays float64): an fp16 step
+``inner_lr * g`` may overflow before the projection brings it back into the
+ball, so ``Delta`` is carried in the accumulation dtype and cast to each
+parameter's dtype only when it is added.
+"""
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from amp_optax import _projection
+
+Leaves = list[Any]
+
+
+class Ball(NamedTuple):
+  """The norm ball Delta is projected onto.
+
+  Attributes:
+    norm: ``"per_tensor"`` (each leaf's norm bounded) or ``"global"``.
+    radius: a scalar (absolute radius, or the global relative one) or a list
+      with one scalar per leaf (per-tensor relative radius).
+  """
+
+  norm: str
+  radius: Any
+
+
+def _inexact(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def make_ball(param_leaves: Leaves, epsilon: Any, norm: str, radius: str) -> Ball:
+  """The ball of radius ``epsilon`` (``"absolute"``) or ``epsilon * ||theta||`` (``"relative"``)."""
+  if radius == "absolute":
+    return Ball(norm, epsilon)
+  if norm == "per_tensor":
+    return Ball(norm, [epsilon * _projection.l2_norm(p) for p in param_leaves])
+  return Ball(norm, epsilon * _projection.global_l2_norm(param_leaves))
+
+
+def project(ball: Ball, delta: Leaves) -> Leaves:
+  if ball.norm == "per_tensor":
+    return _projection.project_per_tensor(delta, ball.radius)
+  return _projection.project_global(delta, ball.radius)
+
+
+def zeros(param_leaves: Leaves) -> Leaves:
+  """Delta = 0 in the ascent's dtype; ``zeros_like`` keeps the parameters' shardings."""
+  return [jnp.zeros_like(p, _projection.accumulation_dtype(p.dtype)) for p in param_leaves]
+
+
+def step(ball: Ball, inner_lr: Any, delta: Leaves, grads: Leaves) -> Leaves:
+  """One ascent step: ``Proj(Delta + inner_lr * g)``."""
+  return project(ball, [d + inner_lr * g.astype(d.dtype) for d, g in zip(delta, grads)])
+
+
+def first_step(ball: Ball, inner_lr: Any, grads: Leaves) -> Leaves:
+  """``step`` from Delta = 0, without materialising the zeros."""
+  return project(ball, [
+      inner_lr * g.astype(_projection.accumulation_dtype(g.dtype)) for g in grads])
+
+
+def perturb(param_leaves: Leaves, delta: Leaves, chosen: list[int]) -> Leaves:
+  """``theta + Delta`` on the ``chosen`` leaves, each in the parameter's own dtype."""
+  leaves = list(param_leaves)
+  for i, d in zip(chosen, delta):
+    leaves[i] = leaves[i] + d.astype(leaves[i].dtype)
+  return leaves
+
+
+def ascend(
+    param_leaves: Leaves,
+    clean_grads: Leaves,
+    grads_at: Callable[[Leaves, Any], Leaves],
+    *,
+    chosen: list[int],
+    ball: Ball,
+    inner_lr: Any,
+    num_steps: int,
+    unroll: int | bool,
+) -> tuple[Leaves, jax.Array]:
+  """``K`` steps of projected gradient ascent from Delta = 0.
+
+  Args:
+    param_leaves: the parameters theta, a list of arrays.
+    clean_grads: the gradient at theta, one array per leaf: the first ascent
+      direction.
+    grads_at: ``grads_at(perturbed_leaves, inner_step)`` returns the
+      gradient at ``theta + Delta`` (all leaves).
+    chosen: the indices of the leaves that are perturbed; the others keep
+      Delta = 0.
+    ball: the ball Delta (over the chosen leaves) is projected onto.
+    inner_lr: the ascent's step size.
+    num_steps: ``K >= 1``.
+    unroll: the ``unroll`` of the ``K > 1`` loop.
+
+  Returns:
+    The gradient at ``theta + Delta_K`` (all leaves, in the dtypes of
+    ``clean_grads``) and the global L2 norm of Delta_K (float32).
+  """
+  if num_steps == 1:
+    delta = first_step(ball, inner_lr, [clean_grads[i] for i in chosen])
+    # Taken before the perturbed pass, so Delta is dead once theta + Delta is formed.
+    delta_norm = _projection.global_l2_norm(delta).astype(jnp.float32)
+    return grads_at(perturb(param_leaves, delta, chosen), 0), delta_norm
+
+  def body(k, carry):
+    delta, grads = carry
+    delta = step(ball, inner_lr, delta, [grads[i] for i in chosen])
+    new = grads_at(perturb(param_leaves, delta, chosen), k)
+    # A loop carry must keep its dtypes, whatever the gradient function returns.
+    return delta, [n.astype(g.dtype) if _inexact(g) else n for n, g in zip(new, grads)]
+
+  delta0 = zeros([param_leaves[i] for i in chosen])
+  delta, grads = jax.lax.fori_loop(
+      0, num_steps, body, (delta0, list(clean_grads)), unroll=unroll)
+  return grads, _projection.global_l2_norm(delta).astype(jnp.float32)
