@@ -23,7 +23,7 @@ def _squared_norm(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.real(x * jnp.conj(x)))
 
 
-def _ball_scale(norm: jax.Array, radius: Scalar) -> jax.Array:
+def ball_scale(norm: jax.Array, radius: Scalar) -> jax.Array:
   """min(1, radius / norm), finite for norm == 0 (then 1, or 0 if radius == 0)."""
   radius = jnp.asarray(radius, norm.dtype)
   tiny = jnp.finfo(norm.dtype).tiny
@@ -45,6 +45,13 @@ def global_l2_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(s.astype(dtype) for s in squares))
 
 
+def same_structure(a: Any, b: Any) -> bool:
+  """Whether pytrees ``a`` and ``b`` have the same structure (treedefs compare equal)."""
+  # Typed as Any: jaxlib ships no stubs for PyTreeDef, so type checkers cannot compare them.
+  structure: Any = jax.tree.structure(a)
+  return bool(structure == jax.tree.structure(b))
+
+
 def project_per_tensor(tree: Any, radius: Any) -> Any:
   """Projects each leaf of ``tree`` onto the L2 ball of ``radius``.
 
@@ -62,9 +69,9 @@ def project_per_tensor(tree: Any, radius: Any) -> Any:
     A pytree like ``tree``, each leaf's norm at most its radius.
   """
   def project(x, r):
-    scale = _ball_scale(l2_norm(x), r)
+    scale = ball_scale(l2_norm(x), r)
     return (x * scale.astype(x.dtype)).astype(x.dtype)
-  if jax.tree.structure(radius) == jax.tree.structure(tree) and jax.tree.leaves(tree):
+  if same_structure(radius, tree) and jax.tree.leaves(tree):
     return jax.tree.map(project, tree, radius)
   return jax.tree.map(lambda x: project(x, radius), tree)
 
@@ -82,5 +89,5 @@ def project_global(tree: Any, radius: Scalar) -> Any:
   Returns:
     A pytree like ``tree`` whose global L2 norm is at most ``radius``.
   """
-  scale = _ball_scale(global_l2_norm(tree), radius)
+  scale = ball_scale(global_l2_norm(tree), radius)
   return jax.tree.map(lambda x: (x * scale.astype(x.dtype)).astype(x.dtype), tree)
