@@ -1,0 +1,141 @@
+"""Memory of a compiled AMP train step against ERM and SAM, without running it.
+
+Compiles the train step of :mod:`benchmarks.step_time` (same optimisers, donated state) for ERM,
+AMP K = 1 and 2 (per-tensor and global balls) and ``optax.contrib.sam`` (opaque mode), and reads
+each executable's ``memory_analysis()``: the temporary buffers beyond ERM's, in units of the
+bytes of the model's parameters ("parameter copies"). Compiling on the CPU is enough: XLA's
+buffer assignment, not a run, gives the figures.
+
+Models: ``preactresnet18`` and ``small`` (the CIFAR models, batch statistics included) and
+``mlp`` (four 1024x1024 layers at batch 8, where the parameters dominate memory as in large
+models).
+
+Run from the repository root::
+
+    python -m benchmarks.step_memory --model preactresnet18 --batch-size 128   # ~2 min on CPU
+    python -m benchmarks.step_memory --model mlp --batch-size 8
+"""
+
+import argparse
+import json
+import os
+import platform
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import step_time
+from examples.cifar import models as cifar_models
+
+ROWS = (
+    step_time.Variant("ERM", "jax", "erm"),
+    step_time.Variant("AMP K=1 per_tensor", "jax", "amp", 1, "per_tensor"),
+    step_time.Variant("AMP K=1 global", "jax", "amp", 1, "global"),
+    step_time.Variant("AMP K=2 per_tensor", "jax", "amp", 2, "per_tensor"),
+    step_time.Variant("AMP K=2 global", "jax", "amp", 2, "global"),
+    step_time.Variant("SAM opaque (optax.contrib)", "jax", "sam"),
+)
+
+
+def mlp_params(width: int = 1024, depth: int = 4) -> Any:
+  keys = jax.random.split(jax.random.key(0), depth)
+  return [{"w": jax.random.normal(k, (width, width)) / np.sqrt(width), "b": jnp.zeros((width,))}
+          for k in keys]
+
+
+def mlp_step(tx: optax.GradientTransformation) -> Any:
+  def loss_fn(params, x):
+    h = x
+    for layer in params:
+      h = jnp.tanh(h @ layer["w"] + layer["b"])
+    return jnp.mean(h ** 2)
+
+  def step(state, x):
+    params, opt_state = state
+    grads = jax.grad(loss_fn)(params, x)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=lambda p, _: jax.grad(loss_fn)(p, x))
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def compiled_memory(variant: step_time.Variant, args: argparse.Namespace) -> tuple[Any, int]:
+  """The memory stats of one variant's compiled step, and the parameters' bytes."""
+  tx = step_time.make_optimizer(variant, args)
+  if args.model == "mlp":
+    params = mlp_params()
+    x = jnp.ones((args.batch_size, params[0]["w"].shape[0]))
+    lowered = jax.jit(mlp_step(tx), donate_argnums=0).lower((params, tx.init(params)), x)
+  else:
+    model = cifar_models.get_model(step_time.MODELS[args.model], 10)
+    x = jnp.zeros((args.batch_size, 32, 32, 3))
+    y = jnp.zeros((args.batch_size,), jnp.int32)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    params = variables["params"]
+    state = (params, variables["batch_stats"], tx.init(params))
+    lowered = jax.jit(step_time.make_train_step(model, tx), donate_argnums=0).lower(state, x, y)
+  return step_time.memory_stats(lowered.compile()), step_time.tree_bytes(params)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  stats = {}
+  param_bytes = 0
+  for v in ROWS:
+    stats[v.name], param_bytes = compiled_memory(v, args)
+  if stats["ERM"] is None:
+    raise SystemExit("memory_analysis() is not available on this backend.")
+  erm = stats["ERM"]["temp_size_in_bytes"]
+  rows = [{"name": name, "temp_bytes": s["temp_size_in_bytes"],
+           "extra_temp_param_copies": (s["temp_size_in_bytes"] - erm) / param_bytes}
+          for name, s in stats.items()]
+  sam = next(r for r in rows if r["name"].startswith("SAM"))["extra_temp_param_copies"]
+  for r in rows:
+    r["minus_sam"] = r["extra_temp_param_copies"] - sam
+  device = jax.devices()[0]
+  out = {"benchmark": "step_memory", "model": args.model, "batch_size": args.batch_size,
+         "param_bytes": param_bytes, "rows": rows,
+         "environment": {"platform": device.platform, "jax": jax.__version__,
+                         "optax": optax.__version__, "python": platform.python_version()}}
+  path = args.out or os.path.join(step_time.RESULTS_DIR,
+                                  f"step_memory_{args.model}_b{args.batch_size}_"
+                                  f"{device.platform}.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
+  out["path"] = path
+  return out
+
+
+def format_report(out: dict[str, Any]) -> str:
+  lines = [f"{out['model']} batch {out['batch_size']}: temporary memory of the compiled step "
+           "beyond ERM's, in parameter copies",
+           f"{'row':28s} {'extra':>8s} {'vs SAM':>8s}"]
+  for r in out["rows"]:
+    lines.append(f"{r['name']:28s} {r['extra_temp_param_copies']:+8.3f} {r['minus_sam']:+8.3f}")
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", choices=("preactresnet18", "small", "mlp"), default="mlp")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--epsilon", type=float, default=0.5)
+  p.add_argument("--inner-lr", type=float, default=1.0)
+  p.add_argument("--rho", type=float, default=0.05, help="SAM radius")
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--weight-decay", type=float, default=5e-4)
+  p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  out = run(parse_args(argv))
+  print(format_report(out))
+  return out
+
+
+if __name__ == "__main__":
+  main()
