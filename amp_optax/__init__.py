@@ -1,6 +1,8 @@
 """amp_optax: Adversarial Model Perturbation (AMP) as an Optax transformation.
 
-Public API: :func:`amp` and :class:`AmpState`; the norm-ball helpers
+Public API: :func:`amp` and :class:`AmpState`; :func:`drop_in_amp`,
+:class:`DropInAmpState` and :func:`unperturbed_params` (AMP for a train step
+that cannot change); the norm-ball helpers
 :func:`project_per_tensor`, :func:`project_global` and
 :func:`global_l2_norm`; :func:`covers_accumulated_batch` (gradient
 accumulation); the sharpness measures in
@@ -13,6 +15,9 @@ from amp_optax import diagnostics
 from amp_optax._amp import AmpState
 from amp_optax._amp import amp
 from amp_optax._call_checks import covers_accumulated_batch
+from amp_optax._drop_in import DropInAmpState
+from amp_optax._drop_in import drop_in_amp
+from amp_optax._drop_in import unperturbed_params
 from amp_optax._projection import global_l2_norm
 from amp_optax._projection import project_global
 from amp_optax._projection import project_per_tensor
@@ -21,10 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AmpState",
+    "DropInAmpState",
     "amp",
     "covers_accumulated_batch",
     "diagnostics",
+    "drop_in_amp",
     "global_l2_norm",
     "project_global",
     "project_per_tensor",
+    "unperturbed_params",
 )

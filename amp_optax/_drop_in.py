@@ -1,0 +1,271 @@
+"""AMP for train steps that cannot change: the optimiser moves the parameters itself.
+
+:func:`drop_in_amp` wraps a base optimiser. The user's step is the plain one
+(gradient at the current parameters, ``tx.update``, ``apply_updates``); the
+updates it returns move the parameters to the perturbed points and back, so
+that the step's gradient is the one AMP needs. Two ascents:
+
+* ``ascent="gradient"``: exact AMP over ``K + 1`` calls (``K`` ascent calls
+  that move the parameters to ``theta + Delta_1 ... Delta_K``, then one
+  descent call that moves them to ``theta + base_update(g_K)``);
+* ``ascent="momentum"``: one call per step: the parameters are kept at
+  ``theta + Delta`` with ``Delta`` from a running average of past gradients
+  (after Momentum-SAM), so AMP costs ERM's one gradient.
+"""
+
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amp_optax import _amp
+from amp_optax import _ascent
+from amp_optax import _projection
+
+ASCENTS = ("gradient", "momentum")
+
+
+class DropInAmpState(NamedTuple):
+  """State of :func:`drop_in_amp`.
+
+  Attributes:
+    count: descent steps done (calls of the base optimiser).
+    phase: with ``ascent="gradient"``, the calls made in the current AMP step,
+      ``0 .. K`` (0: the parameters are at theta; ``k``: at theta + Delta_k);
+      with ``ascent="momentum"``, 0 before the first call and 1 after it (the
+      parameters are held at theta + Delta).
+    theta: the unperturbed parameters of the current step (at phase 0 of the
+      gradient ascent, the parameters themselves are theta).
+    delta: the perturbation Delta_k (``K > 1`` only), in at least float32;
+      else ``()``.
+    momentum: the running average of gradients (``ascent="momentum"``), in
+      at least float32; else ``()``.
+    delta_norm: global L2 norm of the perturbation the last call moved to.
+    inner_state: the base optimiser's state.
+  """
+
+  count: jax.Array
+  phase: jax.Array
+  theta: Any
+  delta: Any
+  momentum: Any
+  delta_norm: jax.Array
+  inner_state: Any
+
+
+def _value_at(value: Any, count: jax.Array) -> Any:
+  return value(count) if callable(value) else value
+
+
+def drop_in_amp(
+    optimizer: optax.GradientTransformation,
+    epsilon: Any,
+    inner_lr: Any = 1.0,
+    inner_steps: int = 1,
+    norm: str = "per_tensor",
+    radius: str = "absolute",
+    mask: Any = None,
+    ascent: str = "gradient",
+    momentum: float = 0.9,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AMP for a train step that is not changed at all (no ``grad_fn``).
+
+  Replace the optimiser, keep the step::
+
+    tx = amp_optax.drop_in_amp(optax.sgd(0.1, momentum=0.9), epsilon=0.05)
+    # the step, unchanged:
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+  With ``ascent="gradient"`` one AMP step takes ``K + 1`` calls: the first
+  ``K`` return updates that move the parameters to :math:`\theta +
+  \Delta_1, \dots, \theta + \Delta_K`, each :math:`\Delta_{k+1} =
+  \Pi_\epsilon(\Delta_k + \eta\, g_k)` from the gradient the step just
+  computed (as :func:`amp`), and the last moves them to :math:`\theta +
+  u`, ``u`` the base optimiser's update for :math:`g_K`. Fed the same batch
+  ``K + 1`` times this is :func:`amp`'s step exactly; fed successive batches
+  (the usual loop) each gradient is on a new batch, the variant that
+  ``optax.contrib.sam``'s default mode computes. A run of ``N`` AMP steps
+  takes ``N (K + 1)`` calls; the base optimiser's state, step count and
+  schedules advance on the descent calls only (``state.count``).
+
+  With ``ascent="momentum"`` every call is a descent step and costs one
+  gradient: the parameters stay at :math:`\tilde\theta = \theta + \Delta`,
+  the step's gradient is taken there, the base optimiser steps
+  :math:`\theta`, and the next :math:`\Delta = \Pi_\epsilon(-\eta\, m)` with
+  :math:`m` a running average of the gradients (``momentum`` its decay): the
+  perturbation points along the direction training moves, as in
+  Momentum-SAM, whose sign we keep.
+
+  Evaluate and checkpoint :func:`unperturbed_params`, not the parameters
+  the step holds between calls. Everything the step does besides the
+  gradient follows it on every call: BatchNorm statistics are updated by
+  the passes at the perturbed points too (the authors' policy), and each call
+  draws its own dropout masks.
+
+  Args:
+    optimizer: the base optimiser (any Optax transformation).
+    epsilon: the ball's radius, a float >= 0 or a schedule of the descent
+      step count.
+    inner_lr: the ascent's step size, a float >= 0 or a schedule.
+    inner_steps: ``K`` (``ascent="gradient"``), a Python int >= 0; 0 gives the
+      base optimiser unchanged. Must be 1 with ``ascent="momentum"``.
+    norm: ``"per_tensor"`` or ``"global"``, as in :func:`amp`.
+    radius: ``"absolute"`` or ``"relative"``, as in :func:`amp`.
+    mask: which parameters to perturb, as in :func:`amp`.
+    ascent: ``"gradient"`` or ``"momentum"``.
+    momentum: the decay of the running average of gradients
+      (``ascent="momentum"``).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`DropInAmpState`. Extra keyword arguments (``grad_fn`` included)
+    are passed to the base optimiser on descent calls.
+
+  References:
+    Zheng, Zhang and Mao, `Regularizing Neural Networks via Adversarial Model
+    Perturbation <https://arxiv.org/abs/2010.04925>`_, CVPR 2021.
+
+    Becker, Altrock and Risse, `Momentum-SAM: Sharpness Aware Minimization
+    without Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
+  """
+  # Validation shared with amp(): the same messages for the same mistakes.
+  _amp.amp(epsilon, inner_lr, inner_steps, norm, mask, radius=radius)
+  if ascent not in ASCENTS:
+    raise ValueError(f"drop_in_amp(): `ascent` must be one of {ASCENTS}, got {ascent!r}.")
+  if ascent == "momentum" and inner_steps != 1:
+    raise ValueError("drop_in_amp(): ascent='momentum' takes one gradient per step; leave "
+                     f"inner_steps=1 (got {inner_steps}).")
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"drop_in_amp(): `momentum` must be in [0, 1), got {momentum}.")
+  num_steps = int(inner_steps)
+  optimizer = optax.with_extra_args_support(optimizer)
+
+  def chosen_of(params):
+    leaves = jax.tree.leaves(params)
+    return [i for i, (m, p) in enumerate(zip(_amp._mask_leaves(mask, params), leaves))
+            if m and _amp._perturbable(p)]
+
+  def init_fn(params):
+    leaves = jax.tree.leaves(params)
+    chosen = chosen_of(params)
+    delta = tuple(_ascent.zeros([leaves[i] for i in chosen])) if (
+        num_steps > 1 or ascent == "momentum") else ()
+    avg = tuple(_ascent.zeros([leaves[i] for i in chosen])) if ascent == "momentum" else ()
+    return DropInAmpState(
+        count=jnp.zeros((), jnp.int32), phase=jnp.zeros((), jnp.int32),
+        theta=jax.tree.map(jnp.array, params), delta=delta, momentum=avg,
+        delta_norm=jnp.zeros((), jnp.float32), inner_state=optimizer.init(params))
+
+  def moved_to(target_leaves, param_leaves, treedef):
+    """The updates that take the parameters to ``target``."""
+    return jax.tree.unflatten(treedef, [
+        (t - p).astype(p.dtype) for t, p in zip(target_leaves, param_leaves)])
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("drop_in_amp(): update() needs `params`: tx.update(grads, opt_state, "
+                       "params).")
+    if num_steps == 0:
+      base_updates, inner = optimizer.update(updates, state.inner_state, params, **extra_args)
+      return base_updates, state._replace(count=optax.safe_increment(state.count),
+                                          inner_state=inner)
+    param_leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = treedef.flatten_up_to(updates)
+    chosen = chosen_of(params)
+    eps = _value_at(epsilon, state.count)
+    lr = _value_at(inner_lr, state.count)
+
+    def descend(theta):
+      """The base optimiser's step from theta with this call's gradient."""
+      base_updates, inner = optimizer.update(updates, state.inner_state, theta, **extra_args)
+      return optax.apply_updates(theta, base_updates), inner
+
+    if ascent == "momentum":
+      new_theta, inner = descend(state.theta)
+      new_theta_leaves = treedef.flatten_up_to(new_theta)
+      avg = [momentum * m + (1.0 - momentum) * grad_leaves[i].astype(m.dtype)
+             for m, i in zip(state.momentum, chosen)]
+      ball = _ascent.make_ball([new_theta_leaves[i] for i in chosen], eps, norm, radius)
+      delta = _ascent.project(ball, [-lr * m for m in avg])
+      target = _ascent.perturb(new_theta_leaves, delta, chosen)
+      new_state = state._replace(
+          count=optax.safe_increment(state.count), phase=jnp.ones((), jnp.int32),
+          theta=new_theta, delta=tuple(delta), momentum=tuple(avg),
+          delta_norm=_delta_norm(delta), inner_state=inner)
+      return _nan_if_negative(moved_to(target, param_leaves, treedef), eps, lr), new_state
+
+    def first_call():
+      # The parameters are theta; Delta_1 from the clean gradient.
+      ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, radius)
+      delta = _ascent.step(ball, lr, _ascent.zeros([param_leaves[i] for i in chosen]),
+                           [grad_leaves[i] for i in chosen])
+      target = _ascent.perturb(param_leaves, delta, chosen)
+      theta = jax.tree.map(jnp.array, params)
+      kept = tuple(delta) if num_steps > 1 else ()
+      return (moved_to(target, param_leaves, treedef),
+              state._replace(phase=jnp.ones((), jnp.int32), theta=theta, delta=kept,
+                             delta_norm=_delta_norm(delta)))
+
+    def middle_call():
+      theta_leaves = treedef.flatten_up_to(state.theta)
+      ball = _ascent.make_ball([theta_leaves[i] for i in chosen], eps, norm, radius)
+      delta = _ascent.step(ball, lr, list(state.delta), [grad_leaves[i] for i in chosen])
+      target = _ascent.perturb(theta_leaves, delta, chosen)
+      return (moved_to(target, param_leaves, treedef),
+              state._replace(phase=state.phase + 1, delta=tuple(delta),
+                             delta_norm=_delta_norm(delta)))
+
+    def descent_call():
+      new_theta, inner = descend(state.theta)
+      kept = tuple(jnp.zeros_like(d) for d in state.delta)
+      return (moved_to(treedef.flatten_up_to(new_theta), param_leaves, treedef),
+              state._replace(count=optax.safe_increment(state.count),
+                             phase=jnp.zeros((), jnp.int32), theta=new_theta, delta=kept,
+                             delta_norm=jnp.zeros((), jnp.float32), inner_state=inner))
+
+    branches = [first_call, middle_call, descent_call] if num_steps > 1 else [
+        first_call, descent_call]
+    index = jnp.where(state.phase == 0, 0, jnp.where(state.phase == num_steps,
+                                                     len(branches) - 1, 1))
+    new_updates, new_state = jax.lax.switch(index, branches)
+    return _nan_if_negative(new_updates, eps, lr), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _delta_norm(delta: list[Any]) -> jax.Array:
+  return _projection.global_l2_norm(delta).astype(jnp.float32)
+
+
+def _nan_if_negative(updates: Any, eps: Any, lr: Any) -> Any:
+  """NaN updates for a negative traced epsilon or inner_lr, as :func:`amp` gives."""
+  leaves, treedef = jax.tree.flatten(updates)
+  return jax.tree.unflatten(treedef, _amp._nan_if_negative(leaves, eps, lr))
+
+
+def unperturbed_params(params: optax.Params, opt_state: Any) -> optax.Params:
+  """The parameters theta without the perturbation, for evaluation and checkpoints.
+
+  Args:
+    params: the parameters the train step holds now (possibly perturbed).
+    opt_state: the optimiser state, a :class:`DropInAmpState` or any Optax
+      state that contains one.
+
+  Returns:
+    theta: ``params`` where the step holds them unperturbed (phase 0 of the
+    gradient ascent), else the unperturbed parameters kept in the state.
+  """
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, DropInAmpState))
+           if isinstance(s, DropInAmpState)]
+  if len(found) != 1:
+    raise ValueError(
+        "unperturbed_params(): opt_state must hold exactly one DropInAmpState (the state of "
+        f"amp_optax.drop_in_amp); found {len(found)}.")
+  state = found[0]
+  at_theta = state.phase == 0  # the parameters are theta (before any perturbation)
+  return jax.tree.map(lambda p, t: jnp.where(at_theta, p, t), params, state.theta)
