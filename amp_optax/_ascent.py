@@ -67,29 +67,29 @@ def step(ball: Ball, inner_lr: Any, delta: Leaves, grads: Leaves) -> Leaves:
 
 
 def first_step_factors(ball: Ball, inner_lr: Any, grads: Leaves) -> tuple[list[Any], jax.Array]:
-  """Delta_1 = Proj(inner_lr * g) as one scale per leaf: Delta_1[i] = (inner_lr * g[i]) * c[i].
+  """Delta_1 = Proj(inner_lr * g) as one factor per leaf: Delta_1[i] = g[i] * f[i].
 
   From Delta = 0 the projected step is the gradient scaled, per tensor or all
   leaves alike, so ``theta + Delta_1`` is formed from ``g`` in one pass and no
-  Delta buffer is kept; its norm follows from the scales and the gradient's norms.
+  Delta buffer is kept; its norm follows from the factors and the gradient's
+  norms. (``inner_lr >= 0``, so ``||inner_lr * g|| = inner_lr * ||g||``.)
 
   Returns:
-    The scales ``c`` (one per leaf, float32 or wider) and the global L2 norm of
-    Delta_1 (float32).
+    The factors ``f`` (one per leaf, float32 or wider) and the global L2 norm
+    of Delta_1 (float32).
   """
-  steps = [inner_lr * g.astype(_projection.accumulation_dtype(g.dtype)) for g in grads]
+  grad_norms = [_projection.l2_norm(g) for g in grads]
   if ball.norm == "per_tensor":
-    radii = ball.radius if isinstance(ball.radius, list) else [ball.radius] * len(steps)
-    norms = [_projection.l2_norm(s) for s in steps]
-    scales = [_projection.ball_scale(n, r) for n, r in zip(norms, radii)]
-    squares = [jnp.square(n * c) for n, c in zip(norms, scales)]
+    radii = ball.radius if isinstance(ball.radius, list) else [ball.radius] * len(grads)
+    step_norms = [inner_lr * n for n in grad_norms]
+    scales = [_projection.ball_scale(n, r) for n, r in zip(step_norms, radii)]
+    squares = [jnp.square(n * c) for n, c in zip(step_norms, scales)]
     delta_norm = jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
   else:
-    norm = _projection.global_l2_norm(steps)
-    scale = _projection.ball_scale(norm, ball.radius)
-    scales = [scale] * len(steps)
-    delta_norm = norm * scale
-  return scales, delta_norm.astype(jnp.float32)
+    step_norm = inner_lr * _projection.global_l2_norm(grads)
+    scales = [_projection.ball_scale(step_norm, ball.radius)] * len(grads)
+    delta_norm = step_norm * scales[0] if grads else jnp.zeros((), jnp.float32)
+  return [inner_lr * c for c in scales], jnp.asarray(delta_norm).astype(jnp.float32)
 
 
 def perturb(param_leaves: Leaves, delta: Leaves, chosen: list[int]) -> Leaves:
@@ -133,7 +133,7 @@ def ascend(
   if num_steps == 1:
     # theta + Delta_1 straight from the clean gradient: the memory of SAM's step, no Delta.
     scales, delta_norm = first_step_factors(ball, inner_lr, [clean_grads[i] for i in chosen])
-    delta = [(inner_lr * clean_grads[i].astype(c.dtype)) * c for i, c in zip(chosen, scales)]
+    delta = [clean_grads[i].astype(f.dtype) * f for i, f in zip(chosen, scales)]
     return grads_at(perturb(param_leaves, delta, chosen), 0), delta_norm
 
   def body(k, carry):
