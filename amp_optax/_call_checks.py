@@ -4,8 +4,10 @@ Everything here runs at trace time (Python values, shapes and the call stack), s
 costs anything in the compiled step.
 """
 
+from collections.abc import Iterator
 import inspect
 import sys
+from types import FrameType
 from typing import Any
 
 import jax
@@ -45,6 +47,9 @@ _MULTISTEPS_HELP = (
     "    grad_fn=amp_optax.covers_accumulated_batch(grad_fn)"
 )
 
+# The attribute that marks a grad_fn (see covers_accumulated_batch).
+_COVERS_ACCUMULATED_BATCH = "amp_covers_accumulated_batch"
+
 _MASKED_HELP = (
     "amp() was given params with optax.MaskedNode entries: it is inside optax.masked,\n"
     "optax.multi_transform or optax.partition, which hide the other parameters from it, so\n"
@@ -73,12 +78,12 @@ def covers_accumulated_batch(grad_fn: Any) -> Any:
   def marked(params: Any, inner_step: Any) -> Any:
     return grad_fn(params, inner_step)
 
-  marked.amp_covers_accumulated_batch = True
+  setattr(marked, _COVERS_ACCUMULATED_BATCH, True)
   return marked
 
 
-def _frames() -> Any:
-  frame = sys._getframe(2)  # noqa: SLF001 -- the caller's caller; trace time only.
+def _frames() -> Iterator[FrameType]:
+  frame: FrameType | None = sys._getframe(2)  # noqa: SLF001 -- the caller's caller; trace time only.
   while frame is not None:
     yield frame
     frame = frame.f_back
@@ -86,7 +91,7 @@ def _frames() -> Any:
 
 def check_not_in_multisteps(grad_fn: Any) -> None:
   """Raises if ``amp.update`` runs inside ``optax.MultiSteps.update`` (trace time)."""
-  if getattr(grad_fn, "amp_covers_accumulated_batch", False):
+  if getattr(grad_fn, _COVERS_ACCUMULATED_BATCH, False):
     return
   multi_steps = getattr(optax, "MultiSteps", None)
   if multi_steps is None:

@@ -1,6 +1,13 @@
-"""Shared by the Flax helpers (no Flax import here): policies, loss-output checks, import help."""
+"""Shared by the Flax helpers (no Flax import here): policies, loss-output checks, import help,
+and loss scaling (Flax's ``DynamicScale``, used through its own methods)."""
 
+import functools
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from amp_optax._amp import AmpState
 
 STATS_POLICIES = ("clean", "authors")
 RNG_POLICIES = ("same", "fold_in")
@@ -49,3 +56,82 @@ def check_loss_output(out: Any, has_aux: bool, where: str, aux_form: str) -> Non
     raise TypeError(
         f"{where}: loss_fn returned a {type(out).__name__} of length {len(out)}, not a scalar "
         f"loss. If it returns {aux_form}, as Flax's examples do, pass has_aux=True.")
+
+
+# Loss scaling -----------------------------------------------------------------------------------
+
+
+def check_dynamic_scale(dynamic_scale: Any, where: str) -> None:
+  """``dynamic_scale`` must be ``None`` or have Flax ``DynamicScale``'s ``value_and_grad``."""
+  if dynamic_scale is not None and not callable(getattr(dynamic_scale, "value_and_grad", None)):
+    raise TypeError(
+        f"{where}: `dynamic_scale` must be a flax.training.dynamic_scale.DynamicScale (or None), "
+        f"got {type(dynamic_scale).__name__}. Pass the scale the clean pass used, e.g. "
+        "dynamic_scale=state.dynamic_scale.")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating leaf of ``tree`` is finite (a bool array; True when there are none)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return functools.reduce(jnp.logical_and, checks, jnp.array(True))
+
+
+def nan_unless_finite(grads: Any, finite: jax.Array, params: Any) -> Any:
+  """``grads``, or NaN in every floating leaf when a perturbed pass was not finite.
+
+  A pass is not finite when its (unscaled) gradient is not, or when the
+  parameters it was given are not: a non-finite gradient of an earlier inner
+  step made Δ NaN. Filling every leaf makes sure the NaN reaches what ``amp``
+  returns on every device (``batch_axis_name`` averages it in) and so its
+  ``perturbed_grad_norm``, which :func:`dynamic_scale_after_amp` reads.
+  """
+  finite = jnp.logical_and(finite, all_finite(params))
+
+  def poisoned(g):
+    if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
+      return g
+    return jnp.where(finite, g, jnp.asarray(jnp.nan, jnp.result_type(g)))
+
+  return jax.tree.map(poisoned, grads)
+
+
+def _amp_state(opt_state: Any, where: str) -> AmpState:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AmpState))
+           if isinstance(s, AmpState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"{where}: `opt_state` must hold the state of exactly one amp_optax.amp (the optimiser "
+        f"state after the AMP step, e.g. new_state.opt_state); found {len(found)}.")
+  return found[0]
+
+
+def dynamic_scale_given(dynamic_scale: Any, finite: jax.Array) -> Any:
+  """``dynamic_scale`` updated as its own ``value_and_grad`` updates it for ``finite``.
+
+  Flax's rule (grow after ``growth_interval`` finite steps, back off on a
+  non-finite one, never below ``minimum_scale``) is applied by Flax's own
+  code, fed a probe whose gradient is finite exactly when ``finite`` is.
+  """
+  def probe(x):
+    return x * jnp.where(finite, 0.0, jnp.nan)
+
+  updated, _, _, _ = dynamic_scale.value_and_grad(probe)(jnp.zeros((), jnp.float32))
+  return updated
+
+
+def dynamic_scale_after_amp(
+    dynamic_scale: Any, is_fin: Any, opt_state: Any, where: str = "dynamic_scale_after_amp",
+) -> tuple[Any, jax.Array]:
+  """The loss scale after an AMP step, and whether to apply the step (see the Flax helpers)."""
+  check_dynamic_scale(dynamic_scale, where)
+  if dynamic_scale is None:
+    raise TypeError(f"{where}: `dynamic_scale` is None; call this only with a loss scale.")
+  amp_state = _amp_state(opt_state, where)
+  finite = jnp.logical_and(jnp.asarray(is_fin), jnp.isfinite(amp_state.perturbed_grad_norm))
+  return dynamic_scale_given(dynamic_scale, finite), finite
+
+
+def keep_where_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``finite``, else ``old``, leaf by leaf (the skipped step of ``DynamicScale``)."""
+  return jax.tree.map(functools.partial(jnp.where, finite), new, old)

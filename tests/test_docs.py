@@ -9,6 +9,8 @@
   numbers of ``benchmarks/results/*.json``.
 * The example notebook shown in the docs (stored executed) has the cells of
   ``examples/notebooks/``.
+* What the accumulation guide says about where ``optax.apply_if_finite`` goes holds, for a NaN
+  in the clean gradient and for a NaN at the perturbed point only.
 
 The Sphinx tests skip, saying so, only when the ``docs`` extra is not installed
 (``pip install -e ".[docs]"``).
@@ -30,7 +32,13 @@ import traceback
 from typing import NamedTuple
 import urllib.parse
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+
+import amp_optax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
@@ -43,8 +51,10 @@ needs_sphinx = pytest.mark.skipif(
     bool(MISSING), reason=f"the docs extra is not installed (missing {', '.join(MISSING)}): "
     'pip install -e ".[docs]"')
 
-GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "schedules",
+GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "equinox", "schedules",
           "mixed_precision", "accumulation", "distributed", "amp_vs_sam", "diagnostics")
+# Pages with commands only (```bash / ```text), no Python to run.
+PAGES_WITHOUT_PYTHON = ("guides/cifar", "development")
 
 
 class Block(NamedTuple):
@@ -167,7 +177,7 @@ def _summary(runs):
 
 
 def test_study_renderers_on_a_study_shaped_result():
-  """benchmarks/study.py's JSON layout (groups of rows of runs and summaries), made up here."""
+  """The study's JSON layout (benchmarks/study/: groups of rows of runs and summaries), made up."""
   def row(method, eps, norm, radius, test, val):
     runs = [_study_run(test, val), _study_run(test + 0.02, val)]
     setting = {"method": method, "epsilon": eps, "norm": norm, "radius": radius,
@@ -228,6 +238,98 @@ def test_the_notebook_in_the_docs_is_the_current_example():
 
 
 # ---------------------------------------------------------------------------------------------
+# Where optax.apply_if_finite goes (docs/guides/accumulation.md, "NaN and inf").
+
+EPS, INNER_LR, LR = 3.5, 10.0, 0.1
+
+
+def _loss(p):
+  return -jnp.sum(jnp.sqrt(1.0 - p))  # finite for p <= 1, NaN beyond
+
+
+def _grad_fn(p, _inner_step):
+  return jax.grad(_loss)(p)
+
+
+def _placements():
+  amp = lambda: amp_optax.amp(EPS, inner_lr=INNER_LR)
+  return {
+      "outside": optax.apply_if_finite(optax.chain(amp(), optax.sgd(LR, momentum=0.9)), 5),
+      "inside": optax.chain(amp(), optax.apply_if_finite(optax.sgd(LR, momentum=0.9), 5)),
+  }
+
+
+def _one_step(tx, params, clean_grads):
+  state = tx.init(params)
+  updates, new_state = tx.update(clean_grads, state, params, grad_fn=_grad_fn)
+  return optax.apply_updates(params, updates), state, new_state
+
+
+def _momentum_trace(state):
+  return optax.tree_utils.tree_get(state, "trace")
+
+
+def test_perturbed_point_reaches_nan():
+  """The set-up of the tests below: finite at θ, NaN at θ + Δ (from an independent Δ)."""
+  params = jnp.full(3, 0.2)
+  g = jax.grad(_loss)(params)
+  assert np.all(np.isfinite(g))
+  # One ascent step projected onto the per-tensor ball, computed here with NumPy.
+  step = INNER_LR * np.asarray(g)
+  delta = step * min(1.0, EPS / np.linalg.norm(step))
+  assert np.all(params + delta > 1) and np.all(np.isnan(jax.grad(_loss)(params + delta)))
+
+
+@pytest.mark.parametrize("placement", ["outside", "inside"])
+def test_apply_if_finite_all_finite_changes_nothing(placement):
+  """Control: with finite gradients both placements step as the chain without the guard."""
+  params = jnp.array([-3.0, -2.0, -4.0])  # θ + Δ stays below 1: everything finite
+  plain = optax.chain(amp_optax.amp(EPS, inner_lr=INNER_LR), optax.sgd(LR, momentum=0.9))
+  expected, _, _ = _one_step(plain, params, jax.grad(_loss)(params))
+  got, _, _ = _one_step(_placements()[placement], params, jax.grad(_loss)(params))
+  assert np.all(np.isfinite(expected)) and not np.allclose(expected, params)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["outside", "inside"])
+def test_apply_if_finite_nan_clean_gradient_skips_the_step(placement):
+  """A NaN in the clean gradient: both placements leave θ and the momentum as they were."""
+  params = jnp.full(3, 0.2)
+  clean = jax.grad(_loss)(params).at[1].set(jnp.nan)
+  new_params, state, new_state = _one_step(_placements()[placement], params, clean)
+  np.testing.assert_array_equal(new_params, params)
+  _assert_same(_momentum_trace(new_state), _momentum_trace(state))
+  assert optax.tree_utils.tree_get(new_state, "total_notfinite") == 1
+  count = optax.tree_utils.tree_get(new_state, "count")
+  # Outside, the whole chain is skipped (AmpState too); inside, amp ran and only sgd was skipped.
+  assert count == (0 if placement == "outside" else 1)
+
+
+def test_apply_if_finite_outside_misses_nan_at_perturbed_point():
+  """Outside, a finite clean gradient passes the check: the NaN at θ + Δ reaches θ."""
+  params = jnp.full(3, 0.2)
+  new_params, _, new_state = _one_step(_placements()["outside"], params,
+                                       jax.grad(_loss)(params))
+  assert optax.tree_utils.tree_get(new_state, "total_notfinite") == 0
+  assert np.all(np.isnan(new_params))
+
+
+def test_apply_if_finite_inside_catches_nan_at_perturbed_point():
+  """Inside, the check sees ∇L(θ + Δ): the step is skipped, θ and the momentum stay."""
+  params = jnp.full(3, 0.2)
+  new_params, state, new_state = _one_step(_placements()["inside"], params,
+                                           jax.grad(_loss)(params))
+  assert optax.tree_utils.tree_get(new_state, "total_notfinite") == 1
+  np.testing.assert_array_equal(new_params, params)
+  _assert_same(_momentum_trace(new_state), _momentum_trace(state))
+  assert optax.tree_utils.tree_get(new_state, "count") == 1  # AmpState still advances
+
+
+def _assert_same(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+# ---------------------------------------------------------------------------------------------
 # The Sphinx build.
 
 
@@ -243,8 +345,9 @@ def _build(out):
 def _check_pages_built(proc, out, seconds):
   assert proc.returncode == 0, (
       f"sphinx-build -W failed ({seconds:.0f} s):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-  for page in ["index", "getting_started", "benchmarks", "changelog", "api/index",
-               "notebooks/amp_nnx_digits"] + [f"guides/{g}" for g in GUIDES]:
+  for page in (["index", "getting_started", "benchmarks", "changelog", "api/index",
+                "notebooks/amp_nnx_digits"] + [f"guides/{g}" for g in GUIDES]
+               + list(PAGES_WITHOUT_PYTHON)):
     assert (out / f"{page}.html").exists(), f"{page}.html was not built"
 
 

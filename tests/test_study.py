@@ -1,16 +1,20 @@
-"""Smoke tests of benchmarks/study.py on synthetic data (seconds), and of its pieces.
+"""Smoke tests of the study (benchmarks/study/) on synthetic data (seconds), and of its pieces.
 
 * the Python-dispatched cheaper step (two jitted steps alternated from Python) matches the
   library's ``amp(..., ascent_every=k, between_ascents=...)`` (one ``lax.cond``) step by step;
 * the paired t-interval matches a hand computation;
 * the sweep's selection picks the best validation accuracy, never the test accuracy;
 * the whole table runs end to end (``study-smoke``), writes JSON / markdown / plots, and resumes
-  without redoing finished runs.
+  without redoing finished runs;
+* ``python -m benchmarks.study`` and ``python -m benchmarks.reproduce --preset study-*`` reach
+  the study's command line.
 """
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,12 @@ import numpy as np
 import pytest
 
 from benchmarks import study
+from benchmarks.study import cli
+from benchmarks.study import data
+from benchmarks.study import models
+from benchmarks.study import presets
+from benchmarks.study import runner
+from benchmarks.study import stats
 
 
 def _batch(n, seed):
@@ -28,16 +38,16 @@ def _batch(n, seed):
 
 @pytest.mark.parametrize("between", ["clean", "reuse"])
 def test_python_dispatched_step_matches_library_cond(between):
-  model = study.get_model("micro")
+  model = models.get_model("micro")
   # With augmentation: both forms draw the same crops and flips from the same keys.
-  config = study.Config("micro", True, 16, 0, 1, 16, lr=0.1)
-  setting = study.Setting("amp", epsilon=0.05, radius="relative", ascent_every=2,
+  config = presets.Config("micro", True, 16, 0, 1, 16, lr=0.1)
+  setting = presets.Setting("amp", epsilon=0.05, radius="relative", ascent_every=2,
                           between=between)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   runs = []
   for dispatch in ("cond", "python"):
-    s = study.Setting(**{**setting.as_dict(), "dispatch": dispatch})
-    init, step = study.make_runner(model, s, config, 20)
+    s = presets.Setting(**{**setting.as_dict(), "dispatch": dispatch})
+    init, step = runner.make_runner(model, s, config, 20)
     params = jax.tree.map(jnp.array, variables["params"])
     stats = jax.tree.map(jnp.array, variables["batch_stats"])
     opt_state = init(params)
@@ -48,8 +58,8 @@ def test_python_dispatched_step_matches_library_cond(between):
                                                jax.random.key(i))
       trace.append(jax.tree.map(np.asarray, params))
     runs.append(trace)
-  clean_sgd = study.Setting("erm")
-  init, step = study.make_runner(model, clean_sgd, config, 20)
+  clean_sgd = presets.Setting("erm")
+  init, step = runner.make_runner(model, clean_sgd, config, 20)
   params = jax.tree.map(jnp.array, variables["params"])
   stats = jax.tree.map(jnp.array, variables["batch_stats"])
   opt_state = init(params)
@@ -68,7 +78,7 @@ def test_paired_ci_matches_hand_computation():
   a = [0.60, 0.62, 0.61, 0.65, 0.63]
   b = [0.58, 0.61, 0.60, 0.61, 0.60]
   d = np.array(a) - np.array(b)
-  out = study.paired_ci(a, b)
+  out = stats.paired_ci(a, b)
   half = 2.7764451051977987 * d.std(ddof=1) / math.sqrt(5)  # t_{0.975, 4}
   assert out["n"] == 5
   assert out["mean"] == pytest.approx(d.mean())
@@ -80,17 +90,17 @@ def test_choice_uses_validation_not_test_accuracy():
   def row(setting, val, test):
     return {"setting": setting.as_dict(),
             "runs": {"0": {"val_acc": val, "test_acc": test}}}
-  good_val = study.Setting("amp", epsilon=0.1, radius="relative")
-  good_test = study.Setting("amp", epsilon=0.5)
-  sam = study.Setting("sam", rho=0.05)
+  good_val = presets.Setting("amp", epsilon=0.1, radius="relative")
+  good_test = presets.Setting("amp", epsilon=0.5)
+  sam = presets.Setting("sam", rho=0.05)
   sweep = {"groups": [{"config": {"model": "tiny"}, "rows": [
-      row(study.Setting("erm"), 0.9, 0.9), row(good_val, 0.6, 0.4), row(good_test, 0.5, 0.7),
+      row(presets.Setting("erm"), 0.9, 0.9), row(good_val, 0.6, 0.4), row(good_test, 0.5, 0.7),
       row(sam, 0.5, 0.5)]}]}
-  choice, how = study.choose_from_sweep(sweep, "tiny")
+  choice, how = presets.choose_from_sweep(sweep, "tiny")
   assert choice["amp"] == good_val and choice["sam"] == sam
   assert "sweep" in how
-  choice, how = study.choose_from_sweep(sweep, "mid")
-  assert choice == study.FALLBACK_CHOICE and "fallback" in how
+  choice, how = presets.choose_from_sweep(sweep, "mid")
+  assert choice == presets.FALLBACK_CHOICE and "fallback" in how
 
 
 def test_smoke_table_end_to_end_and_resume(tmp_path, capsys):
@@ -129,7 +139,7 @@ def test_smoke_table_end_to_end_and_resume(tmp_path, capsys):
 
 
 def test_real_presets_say_when_data_is_missing(tmp_path, monkeypatch):
-  monkeypatch.setattr(study, "BUILD_PY", str(tmp_path / "absent" / "build.py"))
+  monkeypatch.setattr(data, "BUILD_PY", str(tmp_path / "absent" / "build.py"))
   with pytest.raises(SystemExit, match="no data"):
     study.main(["--preset", "study-sweep", "--out-dir", str(tmp_path)])
   assert not os.path.exists(tmp_path / "study_sweep.json")
@@ -145,3 +155,12 @@ def test_reproduce_dispatches_study_presets(monkeypatch):
   assert calls == [["--preset", "study-final", "--models", "mid"], ["--preset=study-sweep"]]
   assert not reproduce._study_preset(["--preset", "cpu", "--sweep"])
   assert not reproduce._study_preset(["--smoke"])
+
+
+def test_python_m_benchmarks_study_is_the_command_line():
+  assert study.main is cli.main
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.study", "--help"], cwd=repo,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--preset" in proc.stdout and "study-final" in proc.stdout

@@ -1,0 +1,143 @@
+"""What the study runs: settings (a table's rows), training configurations, the presets, and the
+final table's rows chosen from the sweep by validation accuracy."""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One optimiser configuration (a row of a table)."""
+
+  method: str  # "erm", "amp" or "sam"
+  epsilon: float = 0.0
+  norm: str = "per_tensor"
+  radius: str = "absolute"
+  inner_lr: float = 1.0
+  ascent_every: int = 1
+  between: str = "clean"
+  rho: float = 0.0
+  dispatch: str = "cond"  # the cheaper step: "cond" (the library's) or "python" (two jits)
+
+  @property
+  def label(self) -> str:
+    if self.method == "erm":
+      return "ERM"
+    if self.method == "sam":
+      return f"SAM rho={self.rho:g}"
+    s = f"AMP {self.radius[:3]} {self.norm} eps={self.epsilon:g}"
+    if self.ascent_every > 1:
+      s += f" every={self.ascent_every} {self.between}"
+      if self.dispatch == "python":
+        s += " (python)"
+    return s
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A training configuration: model, data and schedule."""
+
+  model: str
+  augment: bool
+  train_size: int
+  val_size: int
+  epochs: int
+  batch_size: int = 128
+  lr: float = 0.05
+  weight_decay: float = 5e-4
+
+  @property
+  def label(self) -> str:
+    return f"{self.model} {'aug' if self.augment else 'noaug'} n={self.train_size}"
+
+
+
+SWEEP_SEEDS = (100, 101)  # two seeds (CPU budget); not the final table's: less selection bias.
+FINAL_SEEDS = (0, 1, 2, 3, 4)
+SWEEP_GRID = {
+    ("absolute", "per_tensor"): (0.02, 0.05, 0.2, 0.5),
+    ("absolute", "global"): (0.03, 0.1, 0.3, 1.0),
+    ("relative", "per_tensor"): (0.003, 0.01, 0.03, 0.1),
+    ("relative", "global"): (0.003, 0.01, 0.03, 0.1),
+}
+SAM_RHOS = (0.05, 0.2)
+PAPER = Setting("amp", epsilon=0.5, norm="per_tensor", radius="absolute")
+FALLBACK_CHOICE = {"amp": Setting("amp", epsilon=0.03, norm="per_tensor", radius="relative"),
+                   "sam": Setting("sam", rho=0.05)}
+
+_REAL = dict(models=("small", "mid"), train_size=1000, val_size=500, test_size=2000,
+             epochs=None, batch_size=100, hessian_iters=6, perturb_samples=6,
+             sharpness_batch=128)
+PRESETS: dict[str, dict[str, Any]] = {
+    "study-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS),
+    "study-final": dict(_REAL, augments=(False, True), seeds=FINAL_SEEDS),
+    "study-smoke": dict(models=("micro",), augments=(False, True), train_size=96, val_size=32,
+                        test_size=64, epochs=2, seeds=(0, 1), hessian_iters=2,
+                        perturb_samples=2, sharpness_batch=32, batch_size=32),
+}
+# Epochs per (model, augment): long enough that ERM's training loss gets near zero without
+# augmentation (measured on the 1,000-image set), the same with it.
+EPOCHS = {("small", False): 15, ("small", True): 15, ("mid", False): 12, ("mid", True): 12,
+          ("tiny", False): 40, ("tiny", True): 40, ("micro", False): 2, ("micro", True): 2}
+
+
+def sweep_settings(smoke: bool) -> list[Setting]:
+  settings = [Setting("erm")]
+  for (radius, norm), eps in SWEEP_GRID.items():
+    for e in (eps[:1] if smoke else eps):
+      settings.append(Setting("amp", epsilon=e, norm=norm, radius=radius))
+  if PAPER not in settings:
+    settings.append(PAPER)
+  settings += [Setting("sam", rho=r) for r in (SAM_RHOS[:1] if smoke else SAM_RHOS)]
+  return settings
+
+
+def choose_from_sweep(sweep: dict[str, Any] | None, model: str) -> tuple[dict[str, Setting], str]:
+  """Best AMP setting and SAM rho for ``model`` by mean validation accuracy in the sweep."""
+  if sweep is None:
+    return dict(FALLBACK_CHOICE), "fallback (no sweep results)"
+  best: dict[str, tuple[float, Setting]] = {}
+  for group in sweep["groups"]:
+    if group["config"]["model"] != model:
+      continue
+    for row in group["rows"]:
+      s = Setting(**row["setting"])
+      if s.method == "erm" or not row["runs"]:
+        continue
+      val = float(np.mean([r["val_acc"] for r in row["runs"].values()]))
+      if s.method not in best or val > best[s.method][0]:
+        best[s.method] = (val, s)
+  if set(best) != {"amp", "sam"}:
+    return dict(FALLBACK_CHOICE), "fallback (sweep lacks this model)"
+  return {k: v[1] for k, v in best.items()}, "best validation accuracy in the sweep"
+
+
+def final_settings(choice: dict[str, Setting], smoke: bool) -> list[Setting]:
+  amp_best = choice["amp"]
+  settings = [Setting("erm"), amp_best, choice["sam"]]
+  if PAPER not in settings:
+    settings.append(PAPER)
+  # Trained Python-dispatched: the same arithmetic as the library's lax.cond form (the smoke
+  # test checks it), at the cost the cheaper step should have on CPU.
+  for every in ((2,) if smoke else (2, 4)):
+    for between in ("clean", "reuse"):
+      settings.append(dataclasses.replace(amp_best, ascent_every=every, between=between,
+                                          dispatch="python"))
+  return settings
+
+
+def timing_settings(choice: dict[str, Setting], smoke: bool) -> list[Setting]:
+  """The final table's settings, the cheaper step in both forms (lax.cond and Python)."""
+  settings = []
+  for s in final_settings(choice, smoke):
+    if s == PAPER:
+      continue  # the same cost as any AMP row.
+    if s.ascent_every > 1:
+      settings.append(dataclasses.replace(s, dispatch="cond"))
+    settings.append(s)
+  return settings

@@ -1,0 +1,222 @@
+"""The study's tables as markdown (with the AMP-vs-SAM, cheaper-step and transfer summaries) and
+its plots."""
+
+from typing import Any
+
+import numpy as np
+
+from benchmarks.study.presets import PAPER
+from benchmarks.study.presets import SWEEP_GRID
+from benchmarks.study.presets import Setting
+from benchmarks.study.stats import paired_ci
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.2f}"
+
+
+def _group_order(group: dict[str, Any]) -> tuple[Any, ...]:
+  c = group["config"]
+  return (c["model"] != "small", c["model"], c["augment"])
+
+
+def _row_order(row: dict[str, Any]) -> tuple[Any, ...]:
+  st = row["setting"]
+  return (("erm", "amp", "sam").index(st["method"]), st["ascent_every"], st["between"],
+          st["radius"], st["norm"], st["epsilon"], st["rho"], st.get("dispatch", "cond"))
+
+
+def markdown(result: dict[str, Any]) -> str:
+  lines = [f"# {result['preset']}: {result['data']}, {result['train_size']} training images "
+           f"(+{result['val_size']} validation), {result['test_size']} test images", ""]
+  if result.get("choices"):
+    for m, c in result["choices"].items():
+      lines.append(f"- {m}: AMP = {Setting(**c['amp']).label}, SAM = "
+                   f"{Setting(**c['sam']).label} ({c['how']})")
+    lines.append("")
+  for group in sorted(result["groups"], key=_group_order):
+    c = group["config"]
+    lines += [f"## {c['model']}, {'crop+flip augmentation' if c['augment'] else 'no augmentation'}"
+              f", {c['epochs']} epochs, batch {c['batch_size']}, lr {c['lr']} (cosine)", "",
+              "| setting | seeds | test acc % (mean ± std) | Δ test vs ERM, paired [95% CI] | "
+              "val acc % | final train loss | top Hessian eig | loss incr. @5% |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(group["rows"], key=_row_order):
+      s = row.get("summary")
+      if not s:
+        continue
+      d = s.get("test_acc_minus_erm")
+      diff = "—"
+      if d and d["n"] >= 2:
+        diff = f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+      elif d and d["n"] == 1:
+        diff = f"{100 * d['mean']:+.2f}"
+      spread = f" ± {_pct(s['test_acc']['std'])}" if len(s["seeds"]) > 1 else ""
+      lines.append(
+          f"| {row['label']} | {len(s['seeds'])} | {_pct(s['test_acc']['mean'])}{spread} | "
+          f"{diff} | {_pct(s['val_acc']['mean'])} | "
+          f"{s['train_loss']['mean']:.4f} | {s['hessian_top_eigenvalue']['mean']:.3g} | "
+          f"{s['perturb_increase']['mean']:.3g} |")
+    lines.append("")
+  if result["preset"] == "study-sweep":
+    lines += transfer_lines(result)
+  else:
+    lines += comparison_lines(result)
+  if result.get("step_time"):
+    lines += [f"## Step time (interleaved in one process, batch {result.get('step_time_batch')}"
+              f", {result['machine']['cpu_count']} CPU cores shared with other jobs)", "",
+              "| model | setting | ms/step (median) | ratio to ERM |", "|---|---|---|---|"]
+    for m, rows in sorted(result["step_time"].items(), key=lambda kv: (kv[0] != "small", kv[0])):
+      for r in rows:
+        lines.append(f"| {m} | {r['label']} | {r['ms_median']:.1f} | {r['ratio_vs_erm']:.2f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def comparison_lines(result: dict[str, Any]) -> list[str]:
+  """AMP vs SAM paired by seed, and the cheaper step's share of AMP's gain and its cost."""
+  lines = ["## AMP vs SAM, paired by seed (test accuracy, points)", "",
+           "| model, data | AMP − SAM [95% CI] | seeds |", "|---|---|---|"]
+  cheap = ["## The cheaper step: share of AMP's gain over ERM, and cost", "",
+           "Gain: mean paired test-accuracy difference to ERM; share: the cheaper step's gain "
+           "over full AMP's (same epsilon, same seeds). Step-time ratios to ERM from the table "
+           "below (Python-dispatched / the library's lax.cond form).", "",
+           "| model | setting | gain (points) | share of AMP's gain | step time / ERM (python, "
+           "cond) |", "|---|---|---|---|---|"]
+  times = {}
+  for model, rows in result.get("step_time", {}).items():
+    for r in rows:
+      st = r["setting"]
+      times[(model, st["ascent_every"], st["between"], st.get("dispatch", "cond"),
+             st["method"])] = r["ratio_vs_erm"]
+  for g in result["groups"]:
+    c = g["config"]
+    rows = {r["label"]: r for r in g["rows"] if r["runs"]}
+    amp = [r for r in rows.values() if r["setting"]["method"] == "amp"
+           and r["setting"]["ascent_every"] == 1 and Setting(**r["setting"]) != PAPER]
+    sam = [r for r in rows.values() if r["setting"]["method"] == "sam"]
+    erm = rows.get("ERM")
+    where = f"{c['model']}, {'aug' if c['augment'] else 'no aug'}"
+    for a in amp:
+      for s_ in sam:
+        common = sorted(set(a["runs"]) & set(s_["runs"]), key=int)
+        d = paired_ci([a["runs"][k]["test_acc"] for k in common],
+                      [s_["runs"][k]["test_acc"] for k in common])
+        if d["n"] >= 2:
+          lines.append(f"| {where}: {a['label']} vs {s_['label']} | {100 * d['mean']:+.2f} "
+                       f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] | {d['n']} |")
+    if erm is None or len(amp) != 1:
+      continue
+    full = amp[0].get("summary", {}).get("test_acc_minus_erm")
+    for r in rows.values():
+      st = r["setting"]
+      if st["method"] != "amp" or st["ascent_every"] == 1 or not full:
+        continue
+      d = r["summary"]["test_acc_minus_erm"]
+      share = d["mean"] / full["mean"] if full["mean"] > 0 else float("nan")
+      t_py = times.get((c["model"], st["ascent_every"], st["between"], "python", "amp"))
+      t_cond = times.get((c["model"], st["ascent_every"], st["between"], "cond", "amp"))
+      cost = ", ".join("—" if t is None else f"{t:.2f}" for t in (t_py, t_cond))
+      cheap.append(f"| {c['model']} | {r['label']} (n={d['n']}) | {100 * d['mean']:+.2f} | "
+                   f"{100 * share:.0f}% (AMP: {100 * full['mean']:+.2f}) | {cost} |")
+  out = []
+  if len(lines) > 4:
+    out += lines + [""]
+  if len(cheap) > 6:
+    out += cheap + [""]
+  return out
+
+
+def transfer_lines(result: dict[str, Any]) -> list[str]:
+  """Does a family's best epsilon on one model carry over to the other (no augmentation)?
+
+  For each (radius, norm): the best epsilon of each model by validation accuracy, and the
+  *transfer regret*: how much test accuracy each model loses when it uses the other model's
+  best epsilon instead of its own (0 when the two agree).
+  """
+  acc: dict[tuple[str, str], dict[str, dict[float, tuple[float, float]]]] = {}
+  models = []
+  for g in result["groups"]:
+    if g["config"]["augment"]:
+      continue
+    model = g["config"]["model"]
+    models.append(model)
+    for r in g["rows"]:
+      st = r["setting"]
+      if st["method"] != "amp" or st["ascent_every"] != 1 or not r["runs"]:
+        continue
+      runs = r["runs"].values()
+      acc.setdefault((st["radius"], st["norm"]), {}).setdefault(model, {})[st["epsilon"]] = (
+          float(np.mean([x["val_acc"] for x in runs])),
+          float(np.mean([x["test_acc"] for x in runs])))
+  if len(models) != 2:
+    return []
+  a, b = sorted(models, key=lambda m: (m != "small", m))
+  lines = [f"## Does the best epsilon transfer between {a} and {b}? (no augmentation)", "",
+           "Best epsilon per model by validation accuracy; regret: test accuracy (points) a "
+           "model loses using the other model's best epsilon instead of its own.", "",
+           f"| radius, norm | best eps {a} | best eps {b} | regret {a} | regret {b} | "
+           f"sum |", "|---|---|---|---|---|---|"]
+  for (radius, norm), per_model in acc.items():
+    if set(per_model) != {a, b} or set(per_model[a]) != set(per_model[b]):
+      continue  # the grid is incomplete for one model.
+    best = {m: max(per_model[m], key=lambda e, m=m: per_model[m][e][0]) for m in (a, b)}
+    regret = {m: per_model[m][best[m]][1] - per_model[m][best[o]][1]
+              for m, o in ((a, b), (b, a))}
+    lines.append(f"| {radius}, {norm} | {best[a]:g} | {best[b]:g} | {100 * regret[a]:+.2f} | "
+                 f"{100 * regret[b]:+.2f} | {100 * (regret[a] + regret[b]):+.2f} |")
+  lines.append("")
+  return lines if len(lines) > 7 else []
+
+
+def plots(result: dict[str, Any], stem: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  groups = [g for g in sorted(result["groups"], key=_group_order)
+            if any(r.get("summary") for r in g["rows"])]
+  if not groups:
+    return
+  if result["preset"] in ("study-sweep", "study-smoke"):
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+      erm = next((r for r in g["rows"] if r["setting"]["method"] == "erm" and r.get("summary")),
+                 None)
+      for (radius, norm), style in zip(SWEEP_GRID, ("o-", "s-", "o--", "s--"), strict=True):
+        pts = sorted((r["setting"]["epsilon"], r["summary"]["test_acc"]["mean"],
+                      r["summary"]["test_acc"]["std"]) for r in g["rows"]
+                     if r.get("summary") and r["setting"]["method"] == "amp"
+                     and r["setting"]["radius"] == radius and r["setting"]["norm"] == norm
+                     and r["setting"]["ascent_every"] == 1)
+        if pts:
+          e, m, s = map(np.asarray, zip(*pts))
+          ax.errorbar(e, 100 * m, 100 * s, fmt=style, capsize=2, label=f"AMP {radius} {norm}")
+      if erm:
+        ax.axhline(100 * erm["summary"]["test_acc"]["mean"], color="k", lw=1, label="ERM")
+      ax.set_xscale("log")
+      ax.set_xlabel("epsilon (absolute: radius; relative: fraction of the norm)")
+      ax.set_ylabel("test accuracy %")
+      ax.set_title(f"{g['config']['model']} ({'aug' if g['config']['augment'] else 'no aug'})")
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + "_eps.png", dpi=110)
+    plt.close(fig)
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+  for ax, g in zip(axes[0], groups, strict=True):
+    for r in g["rows"]:
+      if not r.get("summary"):
+        continue
+      method = r["setting"]["method"]
+      xs = [run["hessian_top_eigenvalue"] for run in r["runs"].values()]
+      ys = [100 * run["test_acc"] for run in r["runs"].values()]
+      ax.scatter(xs, ys, s=12, marker={"erm": "x", "amp": "o", "sam": "^"}[method],
+                 color={"erm": "k", "amp": "C0", "sam": "C3"}[method], alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("top Hessian eigenvalue (train batch, final params)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{g['config']['model']} ({'aug' if g['config']['augment'] else 'no aug'}): "
+                 "x ERM, o AMP, ^ SAM", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(stem + "_sharpness.png", dpi=110)
+  plt.close(fig)

@@ -1,0 +1,331 @@
+"""Training runs: the optimiser of a setting, the jitted train steps (one, or two alternated from
+Python for the cheaper step), evaluation, sharpness at the final parameters, and step time."""
+
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import amp_optax
+from amp_optax import diagnostics
+from benchmarks.study.data import MEAN
+from benchmarks.study.data import STD
+from benchmarks.study.data import Data
+from benchmarks.study.models import get_model
+from benchmarks.study.presets import Config
+from benchmarks.study.presets import Setting
+from examples.cifar import data as cifar_data
+
+
+def _base(config: Config, total_steps: int) -> optax.GradientTransformation:
+  lr = optax.cosine_decay_schedule(config.lr, total_steps)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(lr, momentum=0.9, nesterov=True))
+
+
+def _amp(setting: Setting, every: int | None) -> optax.GradientTransformation:
+  return amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1,
+                       norm=setting.norm, radius=setting.radius, ascent_every=every,
+                       between_ascents=setting.between if every else "clean")
+
+
+def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.GradientTransformation:
+  """SGD (Nesterov, decoupled weight decay, cosine decay), plain or under AMP or SAM."""
+  base = _base(config, total_steps)
+  if setting.method == "erm":
+    return base
+  if setting.method == "amp":
+    every = None if setting.ascent_every == 1 else setting.ascent_every
+    return optax.chain(_amp(setting, every), base)
+  if setting.method == "sam":
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(setting.rho))
+    return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
+  raise ValueError(f"unknown method {setting.method!r}")
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _losses(model: nn.Module, augment: bool):
+  """``(images, labels, key, batch_stats) -> (x, loss_fn)`` for one batch."""
+
+  def batch_loss(images, labels, key, batch_stats):
+    if augment:
+      x = cifar_data.augment(key, images, MEAN, STD)
+    else:
+      x = cifar_data.normalize(images, MEAN, STD)
+
+    def loss_fn(p):
+      logits, new_vars = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                     mutable=["batch_stats"])
+      return jnp.mean(cross_entropy(logits, labels)), (logits, new_vars["batch_stats"])
+
+    return loss_fn
+
+  return batch_loss
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: bool):
+  """A jitted ``(params, batch_stats, opt_state, images_u8, labels, key) -> (..., loss, acc)``.
+
+  The perturbed gradients (AMP's ``grad_fn``, SAM's) use the batch's own statistics, like the
+  clean one; only the clean pass updates the running BatchNorm statistics.
+  """
+  batch_loss = _losses(model, augment)
+
+  def step(params, batch_stats, opt_state, images, labels, key):
+    loss_fn = batch_loss(images, labels, key, batch_stats)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def grad_fn(p, _inner_step):
+      return jax.grad(lambda q: loss_fn(q)[0])(p)
+
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return params, new_stats, opt_state, loss, acc
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_python_dispatched(model: nn.Module, setting: Setting, config: Config, total_steps: int):
+  """AMP's cheaper step with the branch chosen in Python: ``(init, step)``.
+
+  The same arithmetic as ``amp(..., ascent_every=k, between_ascents=...)`` (ascend on steps
+  0, k, 2k, ...; in between the clean gradient, plus with ``"reuse"`` the last ascent's
+  adversarial-minus-clean gradient), but as two jitted steps called alternately from Python,
+  so no :func:`jax.lax.cond` holds the convolutions: XLA:CPU runs them slowly inside one,
+  as inside loops. ``tests/test_study.py`` checks it against the library's ``lax.cond`` form.
+  """
+  base = _base(config, total_steps)
+  amp_tx = _amp(setting, None)
+  reuse = setting.between == "reuse"
+  batch_loss = _losses(model, augment=config.augment)
+
+  calls = [0]
+
+  def init(params):
+    calls[0] = 0  # a new run starts with an ascent step.
+    corr = jax.tree.map(jnp.zeros_like, params) if reuse else ()
+    return (amp_tx.init(params), base.init(params), corr)
+
+  def ascent(params, batch_stats, opt_state, images, labels, key):
+    amp_state, base_state, corr = opt_state
+    loss_fn = batch_loss(images, labels, key, batch_stats)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    adv, amp_state = amp_tx.update(grads, amp_state, params,
+                                   grad_fn=lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p))
+    if reuse:
+      corr = jax.tree.map(jnp.subtract, adv, grads)
+    updates, base_state = base.update(adv, base_state, params)
+    params = optax.apply_updates(params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return params, new_stats, (amp_state, base_state, corr), loss, acc
+
+  def clean(params, batch_stats, opt_state, images, labels, key):
+    amp_state, base_state, corr = opt_state
+    loss_fn = batch_loss(images, labels, key, batch_stats)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if reuse:
+      grads = jax.tree.map(jnp.add, grads, corr)
+    updates, base_state = base.update(grads, base_state, params)
+    params = optax.apply_updates(params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return params, new_stats, (amp_state, base_state, corr), loss, acc
+
+  jit_ascent = jax.jit(ascent, donate_argnums=(0, 1, 2))
+  jit_clean = jax.jit(clean, donate_argnums=(0, 1, 2))
+
+  def step(*args):
+    fn = jit_ascent if calls[0] % setting.ascent_every == 0 else jit_clean
+    calls[0] += 1
+    return fn(*args)
+
+  return init, step
+
+
+def make_runner(model: nn.Module, setting: Setting, config: Config, total_steps: int):
+  """``(init, step)`` of a setting: one jitted step, or two for the Python-dispatched one."""
+  if setting.dispatch == "python" and setting.method == "amp" and setting.ascent_every > 1:
+    return make_python_dispatched(model, setting, config, total_steps)
+  tx = make_tx(setting, config, total_steps)
+  return tx.init, make_train_step(model, tx, config.augment)
+
+
+def make_eval(model: nn.Module):
+  @jax.jit
+  def evaluate(params, batch_stats, images, labels):
+    x = cifar_data.normalize(images, MEAN, STD)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return (jnp.sum(cross_entropy(logits, labels)),
+            jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32)))
+  return evaluate
+
+
+def accuracy(evaluate, params, batch_stats, images, labels, chunk: int = 1000):
+  loss = correct = 0.0
+  for i in range(0, len(images), chunk):
+    batch_loss, c = evaluate(params, batch_stats, images[i:i + chunk], labels[i:i + chunk])
+    loss += float(batch_loss)
+    correct += float(c)
+  return correct / len(images), loss / len(images)
+
+
+def make_sharpness(model: nn.Module, hessian_iters: int, perturb_samples: int):
+  """Sharpness at given parameters, BatchNorm in inference mode, on one batch.
+
+  The top Hessian eigenvalue by power iteration on
+  :func:`amp_optax.diagnostics.hessian_vector_product`, and the mean loss increase along
+  :func:`amp_optax.diagnostics.random_direction` s of global norm 5% of the parameters' norm
+  (BatchNorm makes the conv layers scale-invariant, so an absolute radius would mean different
+  things for runs whose weights shrank differently). The iterations are driven from Python
+  around one jitted Hessian-vector product (and one jitted perturbed loss): unrolled inside
+  one jit (``diagnostics.hessian_top_eigenvalue(..., unroll=True)``) they took minutes to
+  compile on this CPU, and a rolled loop runs convolutions slowly on XLA:CPU.
+  """
+
+  def loss_fn(params, batch_stats, x, y):
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return jnp.mean(cross_entropy(logits, y))
+
+  @jax.jit
+  def hvp(params, batch_stats, images, y, v):
+    x = cifar_data.normalize(images, MEAN, STD)
+    hv = diagnostics.hessian_vector_product(loss_fn, params, v, batch_stats, x, y)
+    return hv, amp_optax.global_l2_norm(hv), optax.tree.vdot(v, hv)
+
+  @jax.jit
+  def perturbed(params, batch_stats, images, y, key):
+    x = cifar_data.normalize(images, MEAN, STD)
+    radius = 0.05 * amp_optax.global_l2_norm(params)
+    u = diagnostics.random_direction(key, params, radius, norm="global")
+    return (loss_fn(optax.apply_updates(params, u), batch_stats, x, y)
+            - loss_fn(params, batch_stats, x, y))
+
+  def measure(params, batch_stats, images, y):
+    v = diagnostics.random_direction(jax.random.key(0), params, 1.0, norm="global")
+    eig = jnp.zeros(())
+    for _ in range(hessian_iters):
+      hv, norm, eig = hvp(params, batch_stats, images, y, v)
+      v = jax.tree.map(lambda h, norm=norm: h / norm, hv)
+    keys = jax.random.split(jax.random.key(1), perturb_samples)
+    incr = [float(perturbed(params, batch_stats, images, y, k)) for k in keys]
+    return {"hessian_top_eigenvalue": float(eig), "perturb_increase": float(np.mean(incr))}
+
+  return measure
+
+
+class Trainer:
+  """Caches jitted functions per (model, augment, setting) within one process."""
+
+  def __init__(self, data: Data, hessian_iters: int, perturb_samples: int,
+               sharpness_batch: int):
+    self.data = data
+    self.hessian_iters = hessian_iters
+    self.perturb_samples = perturb_samples
+    self.sharpness_batch = sharpness_batch
+    self._eval: dict[str, Any] = {}
+    self._sharp: dict[str, Any] = {}
+    self._runners: dict[Any, Any] = {}  # one compile per (config, setting), not per seed.
+
+  def init(self, model: nn.Module, seed: int):
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    variables = model.init(jax.random.key(seed), x, train=False)
+    return variables["params"], variables["batch_stats"]
+
+  def run(self, config: Config, setting: Setting, seed: int, log=None) -> dict[str, Any]:
+    model = get_model(config.model)
+    n = len(self.data.train_x)
+    steps_per_epoch = n // config.batch_size
+    total = steps_per_epoch * config.epochs
+    if (config, setting) not in self._runners:
+      self._runners[(config, setting)] = make_runner(model, setting, config, total)
+    init, step = self._runners[(config, setting)]
+    params, stats = self.init(model, seed)
+    opt_state = init(params)
+    aug_key = jax.random.key(10_000 + seed)
+    t0 = time.perf_counter()
+    losses = []
+    for epoch in range(config.epochs):
+      # The data order and augmentation draws depend on the seed only: paired across methods.
+      perm = np.random.default_rng([seed, epoch]).permutation(n)
+      losses, accs = [], []
+      for i in range(steps_per_epoch):
+        idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+        params, stats, opt_state, loss, acc = step(
+            params, stats, opt_state, self.data.train_x[idx], self.data.train_y[idx],
+            jax.random.fold_in(aug_key, epoch * steps_per_epoch + i))
+        losses.append(loss)
+        accs.append(acc)
+      if log is not None and (epoch + 1) % max(1, config.epochs // 4) == 0:
+        log(f"    epoch {epoch + 1}/{config.epochs} train loss "
+            f"{float(np.mean(jax.device_get(losses))):.4f}")
+    train_loss = float(np.mean(jax.device_get(losses)))
+    train_acc = float(np.mean(jax.device_get(accs)))
+    train_seconds = time.perf_counter() - t0
+    if config.model not in self._eval:
+      self._eval[config.model] = make_eval(model)
+      self._sharp[config.model] = make_sharpness(model, self.hessian_iters,
+                                                 self.perturb_samples)
+    evaluate = self._eval[config.model]
+    test_acc, test_loss = accuracy(evaluate, params, stats, self.data.test_x, self.data.test_y)
+    val_acc, _ = accuracy(evaluate, params, stats, self.data.val_x, self.data.val_y)
+    k = self.sharpness_batch
+    sharp = jax.device_get(self._sharp[config.model](
+        params, stats, self.data.train_x[:k], self.data.train_y[:k]))
+    return {"seed": seed, "test_acc": test_acc, "test_loss": test_loss, "val_acc": val_acc,
+            "train_loss": train_loss, "train_acc": train_acc,
+            "hessian_top_eigenvalue": float(sharp["hessian_top_eigenvalue"]),
+            "perturb_increase": float(sharp["perturb_increase"]),
+            "param_norm": float(amp_optax.global_l2_norm(params)),
+            "train_seconds": train_seconds}
+
+
+
+def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds: int = 5,
+               blocks: int = 6, block: int = 4) -> list[dict[str, Any]]:
+  """Median seconds per step of each setting's train step, interleaved in ``rounds``.
+
+  Each timed call is a block of ``block`` consecutive steps (a multiple of ``ascent_every``)
+  waited for at its end, so steps with and without an ascent are averaged as in training.
+  """
+  model = get_model(model_name)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (batch_size,)).astype(np.int32)
+  config = Config(model_name, False, batch_size, 0, 1, batch_size)
+  runners = []
+  for s in settings:
+    init, step = make_runner(model, s, config, 1000)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    state = [variables["params"], variables["batch_stats"], init(variables["params"])]
+    key = jax.random.key(0)
+
+    def run_block(step=step, state=state, key=key):
+      for _ in range(block):
+        state[0], state[1], state[2], loss, _ = step(state[0], state[1], state[2], images,
+                                                     labels, key)
+      jax.block_until_ready(loss)
+
+    run_block()  # compile and warm up
+    runners.append(run_block)
+  times: list[list[float]] = [[] for _ in settings]
+  for _ in range(rounds):
+    for i, r in enumerate(runners):
+      for _ in range(blocks):
+        t0 = time.perf_counter()
+        r()
+        times[i].append((time.perf_counter() - t0) / block)
+  erm = float(np.median(times[0]))
+  rows = []
+  for s, t in zip(settings, times, strict=True):
+    med = float(np.median(t))
+    rows.append({"setting": s.as_dict(), "label": s.label, "ms_median": 1e3 * med,
+                 "ms_p10": 1e3 * float(np.percentile(t, 10)),
+                 "ms_p90": 1e3 * float(np.percentile(t, 90)), "ratio_vs_erm": med / erm})
+  return rows
