@@ -44,7 +44,7 @@ class AmpState(NamedTuple):
   steps without an ascent (``ascent_every > 1``) ``delta_norm`` is 0.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   delta_norm: jax.Array
   clean_grad_norm: jax.Array
   perturbed_grad_norm: jax.Array
@@ -239,7 +239,7 @@ def _mask_leaves(mask: MaskOrFn, params: Any) -> list[bool]:
 
 
 def _check_same_structure(what: str, tree: Any, params: Any, fix: str) -> None:
-  if jax.tree.structure(tree) != jax.tree.structure(params):
+  if not _projection.same_structure(tree, params):
     raise ValueError(
         f"amp(): {what} does not have the structure of params. {fix}\n"
         f"{what}: {jax.tree.structure(tree)}\n"
@@ -457,7 +457,7 @@ def amp(
   def init_fn(params: optax.Params) -> AmpState:
     _mask_leaves(mask, params)  # structure errors at init, not at step 1.
     zero = jnp.zeros((), jnp.float32)
-    correction = ()
+    correction: tuple[jax.Array, ...] = ()
     if reuse and num_steps > 0:
       correction = tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params) if _perturbable(p))
     return AmpState(count=jnp.zeros((), jnp.int32), delta_norm=zero,
@@ -505,7 +505,8 @@ def amp(
       eps = _checked_on_host("epsilon", eps)
       lr = _checked_on_host("inner_lr", lr)
 
-    param_leaves, treedef = jax.tree.flatten(params)
+    param_leaves, flat_def = jax.tree.flatten(params)
+    treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     update_leaves = treedef.flatten_up_to(updates)
     _call_checks.check_leaves_match(
         "the gradient passed as `updates`", update_leaves, params,
@@ -522,6 +523,7 @@ def amp(
     clean_grad_norm = _inexact_norm(first)
 
     def grads_at(perturbed_leaves, inner_step):
+      assert grad_fn is not None  # checked above for every step that ascends
       try:
         grads = grad_fn(jax.tree.unflatten(treedef, perturbed_leaves), inner_step)
       except Exception as e:

@@ -46,7 +46,7 @@ class DropInAmpState(NamedTuple):
     inner_state: the base optimiser's state.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   phase: jax.Array
   theta: Any
   delta: Any
@@ -173,7 +173,8 @@ def drop_in_amp(
       base_updates, inner = optimizer.update(updates, state.inner_state, params, **extra_args)
       return base_updates, state._replace(count=optax.safe_increment(state.count),
                                           inner_state=inner)
-    param_leaves, treedef = jax.tree.flatten(params)
+    param_leaves, flat_def = jax.tree.flatten(params)
+    treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     grad_leaves = treedef.flatten_up_to(updates)
     chosen = chosen_of(params)
     eps = _value_at(epsilon, state.count)

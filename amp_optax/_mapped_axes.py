@@ -37,7 +37,7 @@ def _varying_axes_tracked() -> bool:
 
 def varying_axes(x: Any) -> frozenset[str] | None:
   """The mapped axes ``x`` varies over, or ``None`` where JAX does not track them."""
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  aval = jax.typeof(x)
   vma = getattr(aval, "vma", None)
   if vma is None:
     vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)

@@ -83,7 +83,7 @@ def _vdot(xs: list[jax.Array], ys: list[jax.Array]) -> jax.Array:
     dtype = _projection.accumulation_dtype(jnp.result_type(x, y))
     terms.append(jnp.real(jnp.vdot(x.astype(dtype), y.astype(dtype))))
   dtype = jnp.result_type(*terms)
-  return sum(t.astype(dtype) for t in terms)
+  return jnp.asarray(sum(t.astype(dtype) for t in terms), dtype)
 
 
 def _normalize(xs: list[jax.Array]) -> list[jax.Array]:
