@@ -120,7 +120,8 @@ class _Snapshot:
       return bool(path) and path[0] == 0 and is_wrt(path[1:], value)
 
     self.filters = (model_wrt, nnx.RngKey, nnx.RngCount, ...)
-    self.graphdef, _, keys, counts, rest = nnx.split(nodes, *self.filters)
+    split: Any = nnx.split(nodes, *self.filters)  # a variadic tuple to type checkers
+    self.graphdef, _, keys, counts, rest = split
     self.live_vars = _variables((counts, rest))  # the live objects' variables.
     self.live_rest = _variables(rest)
     self.keys = nnx.as_pure(keys)
@@ -139,7 +140,8 @@ class _Snapshot:
     """``(counts, rest)`` of copies made by :meth:`merge`, as pure arrays."""
     leaves = jax.tree.leaves(args, is_leaf=_is_node)
     nodes = (model, *(leaves[i] for i in self.node_at))
-    *_, counts, rest = nnx.split(nodes, *self.filters)
+    split: Any = nnx.split(nodes, *self.filters)
+    counts, rest = split[-2], split[-1]
     return nnx.as_pure(counts), nnx.as_pure(rest)
 
   def perturbed_grad(
