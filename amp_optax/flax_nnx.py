@@ -364,14 +364,14 @@ def amp_step(
   refs = [jax.new_ref(var.get_value()) for var in snapshot.live_rest]
   rest_def = jax.tree.structure(snapshot.rest)
 
-  def grad_fn(params, inner_step):
+  def authors_grad_fn(params, inner_step):
     rest = jax.tree.unflatten(rest_def, [ref[...] for ref in refs])
     grads, (_, new_rest) = grad_and_rest(params, inner_step, rest)
     for ref, value in zip(refs, jax.tree.leaves(new_rest), strict=True):
       ref[...] = value
     return grads
 
-  optimizer.update(model, grads, grad_fn=grad_fn, **(tx_kwargs or {}))
+  optimizer.update(model, grads, grad_fn=authors_grad_fn, **(tx_kwargs or {}))
   for var, ref in zip(snapshot.live_rest, refs, strict=True):
     var.set_value(ref[...])
   return out
