@@ -51,8 +51,9 @@ needs_sphinx = pytest.mark.skipif(
     bool(MISSING), reason=f"the docs extra is not installed (missing {', '.join(MISSING)}): "
     'pip install -e ".[docs]"')
 
-GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "equinox", "drop_in", "schedules",
-          "mixed_precision", "accumulation", "distributed", "amp_vs_sam", "diagnostics")
+GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "equinox", "drop_in",
+          "schedules", "mixed_precision", "accumulation", "distributed", "amp_vs_sam",
+          "diagnostics")
 # Pages with commands only (```bash / ```text), no Python to run.
 PAGES_WITHOUT_PYTHON = ("guides/cifar", "development")
 
