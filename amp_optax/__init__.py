@@ -2,7 +2,8 @@
 
 Public API: :func:`amp` and :class:`AmpState`; :func:`drop_in_amp`,
 :class:`DropInAmpState` and :func:`unperturbed_params` (AMP for a train step
-that cannot change); the norm-ball helpers
+that cannot change); :func:`group_batch` and :func:`grouped_value_and_grad`
+(grouped ascent, ``amp(..., num_groups=G)``); the norm-ball helpers
 :func:`project_per_tensor`, :func:`project_global` and
 :func:`global_l2_norm`; :func:`covers_accumulated_batch` (gradient
 accumulation); the sharpness measures in
@@ -18,6 +19,8 @@ from amp_optax._call_checks import covers_accumulated_batch
 from amp_optax._drop_in import DropInAmpState
 from amp_optax._drop_in import drop_in_amp
 from amp_optax._drop_in import unperturbed_params
+from amp_optax._grouped import group_batch
+from amp_optax._grouped import grouped_value_and_grad
 from amp_optax._projection import global_l2_norm
 from amp_optax._projection import project_global
 from amp_optax._projection import project_per_tensor
@@ -32,6 +35,8 @@ __all__ = (
     "diagnostics",
     "drop_in_amp",
     "global_l2_norm",
+    "group_batch",
+    "grouped_value_and_grad",
     "project_global",
     "project_per_tensor",
     "unperturbed_params",

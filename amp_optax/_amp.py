@@ -14,6 +14,7 @@ import optax
 
 from amp_optax import _ascent
 from amp_optax import _call_checks
+from amp_optax import _grouped
 from amp_optax import _mapped_axes
 from amp_optax import _projection
 
@@ -258,6 +259,7 @@ def amp(
     ascent_every: int | None = None,
     between_ascents: str = "clean",
     debug_checks: bool = False,
+    num_groups: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adversarial Model Perturbation: gradient at the worst point of a ball.
 
@@ -453,6 +455,9 @@ def amp(
   if mask is not None and not callable(mask):
     jax.tree.leaves(mask)  # a malformed mask fails here, not mid-training.
   axis_names = _mapped_axes.normalise(batch_axis_name)
+  groups = None if num_groups is None else _check_static_int(
+      "num_groups", num_groups, 1, "the number G of groups, each with its own Delta",
+      "Use None for one Delta shared by the whole batch.")
 
   def init_fn(params: optax.Params) -> AmpState:
     _mask_leaves(mask, params)  # structure errors at init, not at step 1.
@@ -484,6 +489,8 @@ def amp(
           "tx.update(grads, opt_state, params, grad_fn=grad_fn).")
     count = optax.safe_increment(state.count)
     if num_steps == 0:
+      if groups is not None:  # the mean over groups: the gradient of the whole batch.
+        updates = _grouped.mean_over_groups(updates, groups, axis_names)
       return updates, state._replace(count=count)
     if grad_fn is None and ascend_now is not False:
       raise _call_checks.missing_grad_fn_error()
@@ -508,19 +515,25 @@ def amp(
     param_leaves, flat_def = jax.tree.flatten(params)
     treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     update_leaves = treedef.flatten_up_to(updates)
-    _call_checks.check_leaves_match(
-        "the gradient passed as `updates`", update_leaves, params,
-        "Pass the gradient of the loss w.r.t. exactly these params.")
-    _mapped_axes.check_averaged(
-        "the clean gradient passed as `updates`", update_leaves, param_leaves, axis_names)
     if axis_names:
       _mapped_axes.check_bound(axis_names)
+    if groups is None:
+      _call_checks.check_leaves_match(
+          "the gradient passed as `updates`", update_leaves, params,
+          "Pass the gradient of the loss w.r.t. exactly these params.")
+      _mapped_axes.check_averaged(
+          "the clean gradient passed as `updates`", update_leaves, param_leaves, axis_names)
+    else:
+      # Per-group gradients vary between devices when the groups are spread over them; only
+      # their mean, at the end, must be global.
+      _grouped.check_stacked("the gradient passed as `updates`", update_leaves, params, groups)
     chosen = [i for i, (m, p) in enumerate(zip(_mask_leaves(mask, params), param_leaves))
               if m and _perturbable(p)]
     inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
     first = [jnp.asarray(u) for u in update_leaves]
+    clean_mean = first if groups is None else _grouped.mean_leaves(first, groups)
     # Before the ascent, so the clean gradient need not be kept for it.
-    clean_grad_norm = _inexact_norm(first)
+    clean_grad_norm = _inexact_norm(clean_mean)
 
     def grads_at(perturbed_leaves, inner_step):
       assert grad_fn is not None  # checked above for every step that ascends
@@ -534,6 +547,9 @@ def amp(
           "grad_fn(params, inner_step) must return gradients w.r.t. its "
           "first argument, e.g. jax.grad(lambda p, _: loss_fn(p, batch)).")
       grad_leaves = treedef.flatten_up_to(grads)
+      if groups is not None:
+        _grouped.check_stacked("grad_fn's output", grad_leaves, params, groups)
+        return grad_leaves
       _call_checks.check_leaves_match(
           "grad_fn's output", grad_leaves, params,
           "grad_fn(params, inner_step) must return the gradient w.r.t. its first argument.")
@@ -547,14 +563,17 @@ def amp(
       ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, radius)
       grad_leaves, delta_norm = _ascent.ascend(
           param_leaves, first, grads_at, chosen=chosen, ball=ball, inner_lr=lr,
-          num_steps=num_steps, unroll=_resolve_unroll(unroll))
+          num_steps=num_steps, unroll=_resolve_unroll(unroll), groups=groups)
+      if groups is not None:  # the mean over groups of each group's adversarial gradient
+        grad_leaves = _grouped.mean_leaves(grad_leaves, groups)
+        delta_norm = jnp.mean(delta_norm)
       correction = state.correction
       if reuse:
-        correction = tuple(grad_leaves[i] - first[i] for i in inexact)
+        correction = tuple(grad_leaves[i] - clean_mean[i] for i in inexact)
       return grad_leaves, delta_norm, correction
 
     def without_ascent():
-      grad_leaves = list(first)
+      grad_leaves = list(clean_mean)
       if reuse:
         for i, c in zip(inexact, state.correction):
           grad_leaves[i] = grad_leaves[i] + c.astype(grad_leaves[i].dtype)
@@ -570,6 +589,10 @@ def amp(
       grad_leaves, delta_norm, correction = jax.lax.cond(
           state.count % every == 0, with_ascent, without_ascent)
 
+    if groups is not None:
+      if axis_names:  # groups spread over devices: the mean over all of them
+        grad_leaves = jax.lax.pmean(grad_leaves, axis_name=axis_names)
+      _mapped_axes.check_averaged("the mean over groups", grad_leaves, param_leaves, axis_names)
     grad_leaves = _nan_if_negative(grad_leaves, eps, lr)
     new_updates = jax.tree.unflatten(treedef, grad_leaves)
     new_state = AmpState(

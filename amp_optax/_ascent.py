@@ -92,12 +92,30 @@ def first_step_factors(ball: Ball, inner_lr: Any, grads: Leaves) -> tuple[list[A
   return [inner_lr * c for c in scales], jnp.asarray(delta_norm).astype(jnp.float32)
 
 
-def perturb(param_leaves: Leaves, delta: Leaves, chosen: list[int]) -> Leaves:
-  """``theta + Delta`` on the ``chosen`` leaves, each in the parameter's own dtype."""
+def perturb(param_leaves: Leaves, delta: Leaves, chosen: list[int],
+            groups: int | None = None) -> Leaves:
+  """``theta + Delta`` on the ``chosen`` leaves, each in the parameter's own dtype.
+
+  With ``groups``, ``delta`` has a leading group axis and every leaf of the
+  result is stacked per group (unperturbed leaves broadcast).
+  """
   leaves = list(param_leaves)
   for i, d in zip(chosen, delta):
     leaves[i] = leaves[i] + d.astype(leaves[i].dtype)
+  if groups is not None:
+    leaves = [jnp.broadcast_to(x, (groups,) + jnp.shape(p)) for x, p in zip(leaves, param_leaves)]
   return leaves
+
+
+def _per_group(fn: Callable[..., Any], groups: int | None, in_axes: Any) -> Callable[..., Any]:
+  """``fn`` itself, or mapped over the leading group axis of the ``in_axes`` marked 0."""
+  return fn if groups is None else jax.vmap(fn, in_axes=in_axes)
+
+
+def _times(g: jax.Array, f: jax.Array) -> jax.Array:
+  """``g * f`` with one factor (or one per group, on ``g``'s leading axis)."""
+  f = jnp.reshape(f, jnp.shape(f) + (1,) * (g.ndim - jnp.ndim(f)))
+  return g.astype(f.dtype) * f
 
 
 def ascend(
@@ -110,40 +128,55 @@ def ascend(
     inner_lr: Any,
     num_steps: int,
     unroll: int | bool,
+    groups: int | None = None,
 ) -> tuple[Leaves, jax.Array]:
   """``K`` steps of projected gradient ascent from Delta = 0.
 
   Args:
     param_leaves: the parameters theta, a list of arrays.
     clean_grads: the gradient at theta, one array per leaf: the first ascent
-      direction.
+      direction. With ``groups``, one per group, stacked on a leading axis.
     grads_at: ``grads_at(perturbed_leaves, inner_step)`` returns the
-      gradient at ``theta + Delta`` (all leaves).
+      gradient at ``theta + Delta`` (all leaves; with ``groups``, stacked
+      like ``clean_grads``, one gradient per group at its own perturbation).
     chosen: the indices of the leaves that are perturbed; the others keep
       Delta = 0.
-    ball: the ball Delta (over the chosen leaves) is projected onto.
+    ball: the ball Delta (over the chosen leaves) is projected onto; with
+      ``groups``, each group's Delta is projected onto it separately.
     inner_lr: the ascent's step size.
     num_steps: ``K >= 1``.
     unroll: the ``unroll`` of the ``K > 1`` loop.
+    groups: ``None`` (one Delta), or the number ``G`` of groups, each with
+      its own Delta from its own gradients.
 
   Returns:
     The gradient at ``theta + Delta_K`` (all leaves, in the dtypes of
-    ``clean_grads``) and the global L2 norm of Delta_K (float32).
+    ``clean_grads``; with ``groups``, stacked per group) and the L2 norm of
+    Delta_K over all leaves (float32; with ``groups``, one per group).
   """
   if num_steps == 1:
     # theta + Delta_1 straight from the clean gradient: the memory of SAM's step, no Delta.
-    scales, delta_norm = first_step_factors(ball, inner_lr, [clean_grads[i] for i in chosen])
-    delta = [clean_grads[i].astype(f.dtype) * f for i, f in zip(chosen, scales)]
-    return grads_at(perturb(param_leaves, delta, chosen), 0), delta_norm
+    factors, delta_norm = _per_group(
+        lambda g: first_step_factors(ball, inner_lr, g), groups, 0)(
+            [clean_grads[i] for i in chosen])
+    delta = [_times(clean_grads[i], f) for i, f in zip(chosen, factors)]
+    return grads_at(perturb(param_leaves, delta, chosen, groups), 0), delta_norm
+
+  step_each = _per_group(lambda d, g: step(ball, inner_lr, d, g), groups, (0, 0))
 
   def body(k, carry):
     delta, grads = carry
-    delta = step(ball, inner_lr, delta, [grads[i] for i in chosen])
-    new = grads_at(perturb(param_leaves, delta, chosen), k)
+    delta = step_each(delta, [grads[i] for i in chosen])
+    new = grads_at(perturb(param_leaves, delta, chosen, groups), k)
     # A loop carry must keep its dtypes, whatever the gradient function returns.
     return delta, [n.astype(g.dtype) if _inexact(g) else n for n, g in zip(new, grads)]
 
-  delta0 = zeros([param_leaves[i] for i in chosen])
+  # zeros_like keeps the shardings (a loop carry must not change type): the parameters', or
+  # with groups the stacked gradients' (the group axis sharded as the batch).
+  like = param_leaves if groups is None else clean_grads
+  delta0 = [jnp.zeros_like(like[i], _projection.accumulation_dtype(param_leaves[i].dtype))
+            for i in chosen]
   delta, grads = jax.lax.fori_loop(
       0, num_steps, body, (delta0, list(clean_grads)), unroll=unroll)
-  return grads, _projection.global_l2_norm(delta).astype(jnp.float32)
+  norm_each = _per_group(_projection.global_l2_norm, groups, 0)
+  return grads, norm_each(delta).astype(jnp.float32)

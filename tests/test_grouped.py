@@ -1,0 +1,248 @@
+"""Grouped ascent (amp(..., num_groups=G)): one Delta per group of m examples.
+
+Against today's AMP at G = 1 (bitwise), an independent NumPy reference at G > 1, and itself on
+1, 2, 4 and 8 (fake CPU) devices, with jit, shard_map and pmap.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import amp_optax
+
+G = 8
+
+
+def loss_fn(p, b):
+  h = jnp.tanh(b["x"] @ p["w1"] + p["b1"])
+  return jnp.mean((h @ p["w2"] - b["y"]) ** 2)
+
+
+def numpy_grad(p, x, y):
+  """The gradient of loss_fn by hand, in float64."""
+  h = np.tanh(x @ p["w1"] + p["b1"])
+  residual = h @ p["w2"] - y
+  d_out = 2.0 * residual / residual.size
+  d_pre = (d_out @ p["w2"].T) * (1.0 - h ** 2)
+  return {"w1": x.T @ d_pre, "b1": d_pre.sum(0), "w2": h.T @ d_out}
+
+
+def make_problem(n=32):
+  k = jax.random.split(jax.random.key(0), 4)
+  params = {"w1": jax.random.normal(k[0], (5, 8)) * 0.8, "b1": jax.random.normal(k[1], (8,)) * 0.1,
+            "w2": jax.random.normal(k[2], (8, 2)) * 0.8}
+  kx, ky = jax.random.split(k[3])
+  batch = {"x": jax.random.normal(kx, (n, 5)), "y": jax.random.normal(ky, (n, 2))}
+  return params, batch
+
+
+def stack(tree):
+  return jax.tree.map(lambda x: x[None], tree)
+
+
+def unstack(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+@pytest.mark.parametrize("radius", ["absolute", "relative"])
+def test_one_group_is_todays_amp_bitwise(k, norm, radius):
+  params, batch = make_problem()
+  eps = 0.2 if radius == "absolute" else 0.05
+  tx = amp_optax.amp(eps, inner_steps=k, norm=norm, radius=radius)
+  grouped = amp_optax.amp(eps, inner_steps=k, norm=norm, radius=radius, num_groups=1)
+
+  @jax.jit
+  def today(p):
+    return tx.update(jax.grad(loss_fn)(p, batch), tx.init(p), p,
+                     grad_fn=lambda q, _: jax.grad(loss_fn)(q, batch))
+
+  @jax.jit
+  def one_group(p):
+    return grouped.update(stack(jax.grad(loss_fn)(p, batch)), grouped.init(p), p,
+                          grad_fn=lambda q, _: stack(jax.grad(loss_fn)(unstack(q), batch)))
+
+  (want, want_state), (got, got_state) = today(params), one_group(params)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  assert float(want_state.delta_norm) == float(got_state.delta_norm)
+
+
+def reference(params, batch, groups, eps, lr, k, norm):
+  """Grouped AMP from the algorithm, float64 NumPy: mean over groups of grad at theta+Delta_j."""
+  theta = {n: np.asarray(v, np.float64) for n, v in params.items()}
+  xs = np.asarray(batch["x"], np.float64).reshape(groups, -1, 5)
+  ys = np.asarray(batch["y"], np.float64).reshape(groups, -1, 2)
+  total = {n: np.zeros_like(v) for n, v in theta.items()}
+  for x, y in zip(xs, ys):
+    delta = {n: np.zeros_like(v) for n, v in theta.items()}
+    g = numpy_grad(theta, x, y)
+    for _ in range(k):
+      step = {n: delta[n] + lr * g[n] for n in theta}
+      if norm == "per_tensor":
+        delta = {n: v * min(1.0, eps / max(np.linalg.norm(v), 1e-300)) for n, v in step.items()}
+      else:
+        size = np.sqrt(sum(np.sum(v ** 2) for v in step.values()))
+        delta = {n: v * min(1.0, eps / max(size, 1e-300)) for n, v in step.items()}
+      g = numpy_grad({n: theta[n] + delta[n] for n in theta}, x, y)
+    total = {n: total[n] + g[n] / groups for n in theta}
+  return total
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+def test_groups_match_a_numpy_reference(k, norm):
+  params, batch = make_problem()
+  tx = amp_optax.amp(0.3, inner_lr=2.0, inner_steps=k, norm=norm, num_groups=4)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
+      loss_fn, params, amp_optax.group_batch(batch, 4))
+  got, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, grad_fn=amp_grad_fn))(grads, params)
+  want = reference(params, batch, 4, 0.3, 2.0, k, norm)
+  for n in params:
+    np.testing.assert_allclose(got[n], want[n], rtol=2e-5, atol=1e-6)
+  ungrouped = reference(params, batch, 1, 0.3, 2.0, k, norm)
+  assert max(np.max(np.abs(want[n] - ungrouped[n])) for n in params) > 1e-3  # G matters
+
+
+def test_epsilon_zero_is_the_whole_batch_gradient():
+  params, batch = make_problem()
+  tx = amp_optax.amp(0.0, num_groups=4)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
+      loss_fn, params, amp_optax.group_batch(batch, 4))
+  got, _ = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
+  want = jax.grad(loss_fn)(params, batch)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_errors_say_what_to_change():
+  params, batch = make_problem()
+  tx = amp_optax.amp(0.1, num_groups=4)
+  with pytest.raises(ValueError, match=r"leading group axis.*grouped_value_and_grad"):
+    tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params,
+              grad_fn=lambda q, _: jax.grad(loss_fn)(q, batch))
+  with pytest.raises(TypeError, match=r"`num_groups` must be a Python int"):
+    amp_optax.amp(0.1, num_groups=2.0)
+  with pytest.raises(ValueError, match=r"does not split into 5 groups"):
+    amp_optax.group_batch(batch, 5)
+
+
+def training_run(mesh_devices, steps=3, k=2):
+  """Three grouped AMP steps under jit, the group axis sharded over ``mesh_devices`` devices."""
+  params, batch = make_problem()
+  tx = optax.chain(amp_optax.amp(0.2, inner_steps=k, num_groups=G), optax.sgd(0.1, momentum=0.9))
+  grouped = amp_optax.group_batch(batch, G)
+  mesh = jax.make_mesh((mesh_devices,), ("data",), devices=jax.devices()[:mesh_devices])
+  grouped = jax.device_put(grouped, NamedSharding(mesh, P("data")))
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+
+  @jax.jit
+  def step(params, opt_state, grouped):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, grouped)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state, grouped)
+  return jax.tree.map(np.asarray, params), step, (params, opt_state, grouped)
+
+
+# Across device counts the groups' arithmetic is the same; only the final mean's reduction
+# order may differ: float32 rounding, measured < 1e-7 here.
+ATOL = 1e-6
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_fixed_groups_give_the_same_parameters_on_1_2_4_8_devices():
+  one, _, _ = training_run(1)
+  for n in (2, 4, 8):
+    got, _, _ = training_run(n)
+    for name in one:
+      np.testing.assert_allclose(got[name], one[name], atol=ATOL, rtol=0, err_msg=f"{n} devices")
+
+
+def all_reduces(compiled_text):
+  return sum(1 for line in compiled_text.splitlines()
+             if "all-reduce(" in line or "all-reduce-start(" in line)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_one_group_per_device_ascends_without_collectives():
+  """G devices, one group each: the step's all-reduces are ERM's (the final mean only)."""
+  _, step, args = training_run(8, steps=0, k=2)
+  amp_count = all_reduces(step.lower(*args).compile().as_text())
+  params, opt_state, grouped = args
+  sgd = optax.sgd(0.1, momentum=0.9)
+
+  @jax.jit
+  def erm_step(params, opt_state, grouped):
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), grouped)
+    grads = jax.grad(loss_fn)(params, flat)
+    updates, opt_state = sgd.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  erm_count = all_reduces(erm_step.lower(params, sgd.init(params), grouped).compile().as_text())
+  assert amp_count == erm_count, (amp_count, erm_count)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_shard_map_and_pmap_with_local_groups_match_jit(devices):
+  want, _, _ = training_run(1)
+  params, batch = make_problem()
+  grouped = amp_optax.group_batch(batch, G)
+  tx = optax.chain(amp_optax.amp(0.2, inner_steps=2, num_groups=G // devices,
+                                 batch_axis_name="data"),
+                   optax.sgd(0.1, momentum=0.9))
+  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+  def body(params, opt_state, local):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, local)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data")),
+                               out_specs=(P(), P()), check_vma=False))
+  p, s = params, tx.init(params)
+  sharded = jax.device_put(grouped, NamedSharding(mesh, P("data")))
+  for _ in range(3):
+    p, s = step(p, s, sharded)
+  for name in want:
+    np.testing.assert_allclose(np.asarray(p[name]), want[name], atol=ATOL, rtol=0)
+
+  if devices == G:  # pmap: one group per device
+    pstep = jax.pmap(body, axis_name="data", in_axes=(None, None, 0), out_axes=None)
+    tx_p = tx
+    p, s = params, tx_p.init(params)
+    per_device = jax.tree.map(lambda x: x.reshape((devices, 1) + x.shape[1:]), grouped)
+    for _ in range(3):
+      p, s = pstep(p, s, per_device)
+    for name in want:
+      np.testing.assert_allclose(np.asarray(p[name]), want[name], atol=ATOL, rtol=0)
+
+
+def test_without_batch_axis_name_local_groups_under_shard_map_raise():
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices")
+  params, batch = make_problem()
+  grouped = amp_optax.group_batch(batch, 4)
+  tx = amp_optax.amp(0.2, num_groups=2)
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+  def body(params, local):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, local)
+    return tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)[0]
+
+  with pytest.raises(ValueError, match=r"batch_axis_name='data'"):
+    jax.jit(body)(params, jax.device_put(grouped, NamedSharding(mesh, P("data"))))
