@@ -1,24 +1,37 @@
-"""AMP with Flax Linen: a ``TrainState`` that forwards ``grad_fn``, and BatchNorm.
+"""AMP with Flax Linen: a ``TrainState`` that forwards ``grad_fn``, BatchNorm, loss scaling.
 
 Flax's :class:`flax.training.train_state.TrainState` calls
 ``tx.update(grads, opt_state, params)`` with no extra arguments, so
 :func:`amp_optax.amp` never receives its ``grad_fn``. This module provides:
 
 * :class:`TrainState`: a drop-in for Flax's train state (a subclass, with a
-  ``batch_stats`` field that defaults to ``None``), whose ``apply_gradients``
-  forwards ``grad_fn=`` and other extra arguments to ``tx.update``;
-* :func:`make_grad_fn`: builds ``grad_fn(params, inner_step)`` for a loss that
-  also takes and returns mutable collections (BatchNorm's ``batch_stats``)
-  and an RNG key (dropout), for a step in one :func:`jax.jit`;
+  keyword-only ``batch_stats`` field that defaults to ``None``, so it can be
+  subclassed as Flax's is, e.g. with ``batch_stats: Any`` and
+  ``dynamic_scale: DynamicScale``), whose ``apply_gradients`` forwards
+  ``grad_fn=`` and other extra arguments to ``tx.update``;
+* :func:`make_grad_fn`: builds ``grad_fn(params, inner_step)``, bound to
+  ``amp_grad_fn`` in the examples (Flax's own steps use ``grad_fn`` for
+  ``jax.value_and_grad``), from Flax's closure ``loss_fn(params)`` or from a
+  loss that takes and returns mutable collections (BatchNorm's
+  ``batch_stats``) and an RNG key (dropout), for a step in one
+  :func:`jax.jit` or :func:`jax.pmap`; with ``dynamic_scale=`` the perturbed
+  passes are loss-scaled as the clean one;
+* :func:`dynamic_scale_after_amp`: the loss scale after the step and whether
+  to apply it, counting the perturbed passes' gradients as Flax's
+  ``DynamicScale`` counts the clean one;
 * :func:`apply_gradients`: ``state.apply_gradients`` with AMP, built from the
   batch and RNG key rather than a ``grad_fn``, for a step split in two jits
   as in Flax's MNIST example (``apply_model`` computes the gradients,
   ``update_model`` applies them): a ``grad_fn`` is a Python function and
   cannot be returned from one jit into another, the data can;
 * :func:`amp_step`: a whole training step (clean pass, AMP ascent, update,
-  new ``batch_stats``) with a choice of BatchNorm policy.
+  new ``batch_stats``, and the loss scale of a ``state.dynamic_scale``) with a
+  choice of BatchNorm policy.
 
-The loss function the helpers take is ``loss_fn(params, batch_stats, batch,
+Loss functions. :func:`make_grad_fn` takes Flax's closure, ``loss_fn(params)``
+reading the state's statistics, the batch and the key from the enclosing step
+(Flax's ImageNet example returns ``(loss, (new_model_state, logits))``: pass
+``has_aux=True``). All helpers take ``loss_fn(params, batch_stats, batch,
 rng)``: the model applied in training mode with ``mutable=["batch_stats"]``.
 It returns ``(loss, new_batch_stats)``, or with ``has_aux=True`` either
 ``(loss, (aux, new_batch_stats))`` (Flax's usual order, e.g. ``(loss,
@@ -51,16 +64,32 @@ RNG policies (``rng_policy``): ``"same"`` (default) gives every perturbed pass
 the clean pass's key, so dropout masks are shared and AMP perturbs only the
 weights; ``"fold_in"`` gives perturbed pass ``k`` the key
 ``jax.random.fold_in(rng, k)`` (every leaf of ``rng``).
+
+Loss scaling (float16): with Flax's
+:class:`~flax.training.dynamic_scale.DynamicScale`, give the scale the clean
+pass used to :func:`make_grad_fn` (``dynamic_scale=state.dynamic_scale``):
+each perturbed pass is then computed by ``dynamic_scale.value_and_grad``, as
+the clean one (the loss multiplied by the scale, the gradient divided by it,
+in float32), and a non-finite one makes the gradient ``amp`` returns NaN on
+every device. :func:`dynamic_scale_after_amp` reads that from the new
+optimiser state: the step is skipped and the scale backs off when the clean
+gradient or any perturbed one is not finite, as ``DynamicScale`` does for the
+clean gradient alone. :func:`amp_step` does all of it for a state with a
+``dynamic_scale`` field. Under :func:`jax.pmap` the perturbed gradients are
+averaged by ``amp(..., batch_axis_name=...)``; do not pass ``axis_name`` for
+them (only the clean pass's ``value_and_grad`` takes it).
 """
 
 from collections.abc import Callable
 from collections.abc import Mapping
 import functools
+import inspect
 from typing import Any
 
 from amp_optax import _policies
 
 try:
+  from flax import struct
   from flax.training import train_state
 except ModuleNotFoundError as e:
   raise _policies.missing_flax("amp_optax.flax_linen", e) from e
@@ -73,7 +102,8 @@ from amp_optax._policies import STATS_POLICIES
 from amp_optax._policies import check_policies
 
 __all__ = (
-    "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_gradients", "make_grad_fn")
+    "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_gradients",
+    "dynamic_scale_after_amp", "make_grad_fn")
 
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
@@ -91,6 +121,15 @@ class TrainState(train_state.TrainState):
   ``grad_fn`` takes and returns the ``params["params"]`` subtree, as ``tx``
   does).
 
+  It subclasses as Flax's does: ``batch_stats`` is keyword-only with a
+  default, so a subclass may add fields without defaults, and may declare
+  ``batch_stats: Any`` again to make it required, as Flax's ImageNet example
+  declares its own state::
+
+    class TrainState(flax_linen.TrainState):
+      batch_stats: Any
+      dynamic_scale: flax.training.dynamic_scale.DynamicScale
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
     >>> import flax.linen as nn
@@ -98,7 +137,7 @@ class TrainState(train_state.TrainState):
     >>> model = nn.Dense(1)
     >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
     >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> tx = optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1))
+    >>> tx = optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1))
     >>> state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     >>> def loss_fn(params):
     ...   return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
@@ -113,7 +152,9 @@ class TrainState(train_state.TrainState):
       statistics), or ``None``. Pass ``batch_stats=...`` to :meth:`create`.
   """
 
-  batch_stats: Any = None
+  # A default factory, not a default: dataclasses would keep a plain default as a class
+  # attribute, and a subclass that declares `batch_stats: Any` again would inherit it.
+  batch_stats: Any = struct.field(default_factory=lambda: None, kw_only=True)
 
   def apply_gradients(
       self,
@@ -194,6 +235,8 @@ _FORMS = (
     "new_batch_stats may be the statistics themselves (structured like batch_stats) or Linen's\n"
     "updates dict {'batch_stats': ...}.")
 
+_CLOSURE_AUX_FORM = "(loss, aux), e.g. Flax's (loss, (new_model_state, logits))"
+
 
 def _split_output(out: Any, batch_stats: Any, has_aux: bool, where: str) -> tuple[Any, Any]:
   """``loss_fn``'s output as ``(loss, (new_batch_stats, aux))``."""
@@ -256,34 +299,154 @@ def _write_refs(refs: Any, values: Any) -> None:
     ref[...] = value
 
 
-def _grad_fn(full_loss: LossFn, batch_stats: Any, batch: Any, rng: Any,
-             rng_policy: str) -> GradFn:
-  grad = jax.grad(full_loss, has_aux=True)
+def _perturbed_pass(full_loss: LossFn, dynamic_scale: Any) -> Callable[..., tuple[Any, Any]]:
+  """``(params, batch_stats, batch, rng) -> (grads, new_batch_stats)`` of one perturbed pass.
+
+  With a loss scale, the pass is ``dynamic_scale.value_and_grad``'s, as the
+  clean pass's is, and a non-finite one returns NaN gradients.
+  """
+  if dynamic_scale is None:
+    grad = jax.grad(full_loss, has_aux=True)
+
+    def unscaled(params, *args):
+      grads, (new_stats, _) = grad(params, *args)
+      return grads, new_stats
+
+    return unscaled
+  scaled_value_and_grad = dynamic_scale.value_and_grad(full_loss, has_aux=True)
+
+  def scaled(params, *args):
+    _, finite, (_, (new_stats, _)), grads = scaled_value_and_grad(params, *args)
+    return _policies.nan_unless_finite(grads, finite, params), new_stats
+
+  return scaled
+
+
+def _grad_fn(full_loss: LossFn, batch_stats: Any, batch: Any, rng: Any, rng_policy: str,
+             dynamic_scale: Any) -> GradFn:
+  perturbed_pass = _perturbed_pass(full_loss, dynamic_scale)
 
   def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
-    grads, _ = grad(params, batch_stats, batch, _perturbed_rng(rng, inner_step, rng_policy))
+    grads, _ = perturbed_pass(params, batch_stats, batch,
+                              _perturbed_rng(rng, inner_step, rng_policy))
     return grads
 
   return grad_fn
 
 
+def _closure_grad_fn(loss_fn: LossFn, has_aux: bool, dynamic_scale: Any) -> GradFn:
+  """AMP's ``grad_fn`` for Flax's closure ``loss_fn(params)``; its aux is discarded."""
+  where = "flax_linen.make_grad_fn"
+
+  def checked_loss(params):
+    out = loss_fn(params)
+    _policies.check_loss_output(out, has_aux, where, _CLOSURE_AUX_FORM)
+    return out
+
+  if dynamic_scale is None:
+    grad = jax.grad(checked_loss, has_aux=has_aux)
+
+    def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
+      return grad(params)[0] if has_aux else grad(params)
+
+    return grad_fn
+  scaled_value_and_grad = dynamic_scale.value_and_grad(checked_loss, has_aux=has_aux)
+
+  def scaled_grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
+    _, finite, _, grads = scaled_value_and_grad(params)
+    return _policies.nan_unless_finite(grads, finite, params)
+
+  return scaled_grad_fn
+
+
+class _ClosedOver:
+  """The default of ``make_grad_fn``'s ``batch_stats`` and ``batch``: the closure form."""
+
+  def __repr__(self) -> str:
+    return "<closed over by loss_fn>"
+
+
+_CLOSED_OVER = _ClosedOver()
+
+
+def _binds(loss_fn: LossFn, num_args: int) -> bool | None:
+  """Whether ``loss_fn`` can be called with ``num_args`` positional arguments; None if unknown."""
+  try:
+    signature = inspect.signature(loss_fn)
+  except (TypeError, ValueError):  # no signature to read: let the call decide.
+    return None
+  try:
+    signature.bind(*([None] * num_args))
+  except TypeError:
+    return False
+  return True
+
+
+def _check_form(loss_fn: LossFn, closure: bool, batch_stats: Any, batch: Any, rng: Any,
+                rng_policy: str) -> None:
+  where = "flax_linen.make_grad_fn"
+  if (batch_stats is _CLOSED_OVER) != (batch is _CLOSED_OVER):
+    raise TypeError(
+        f"{where}: pass both `batch_stats` and `batch` (for loss_fn(params, batch_stats, batch, "
+        "rng)), or neither (for Flax's closure loss_fn(params), which reads them itself).")
+  if closure:
+    if rng is not None:
+      raise TypeError(
+          f"{where}: `rng` given without `batch_stats` and `batch`. A closure loss_fn(params) "
+          "reads its key itself: make_grad_fn(loss_fn, has_aux=...); a loss_fn(params, "
+          "batch_stats, batch, rng) takes all three: make_grad_fn(loss_fn, state.batch_stats, "
+          "batch, rng, has_aux=...).")
+    if _binds(loss_fn, 1) is False:
+      raise TypeError(
+          f"{where}: loss_fn{inspect.signature(loss_fn)} needs more than params, so pass what it "
+          "takes: make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=...) for "
+          "loss_fn(params, batch_stats, batch, rng); make_grad_fn(loss_fn, has_aux=...) is for "
+          "Flax's closure loss_fn(params).")
+    if rng_policy != "same":
+      raise ValueError(
+          f"{where}: rng_policy={rng_policy!r} needs the key as an argument, and a closure "
+          "loss_fn(params) holds its own: write it as loss_fn(params, batch_stats, batch, rng) "
+          "and pass make_grad_fn(loss_fn, state.batch_stats, batch, rng, ...).")
+  elif _binds(loss_fn, 1) and _binds(loss_fn, 4) is False:
+    raise TypeError(
+        f"{where}: loss_fn{inspect.signature(loss_fn)} takes params only (Flax's closure form), "
+        "so it reads the batch statistics, batch and key itself: call make_grad_fn(loss_fn, "
+        "has_aux=...) without batch_stats, batch and rng.")
+
+
 def make_grad_fn(
     loss_fn: LossFn,
-    batch_stats: Any,
-    batch: Any,
+    batch_stats: Any = _CLOSED_OVER,
+    batch: Any = _CLOSED_OVER,
     rng: Any = None,
     *,
     has_aux: bool = False,
     rng_policy: str = "same",
+    dynamic_scale: Any = None,
 ) -> GradFn:
-  """Builds AMP's ``grad_fn`` for a Linen loss with batch statistics and RNG.
+  """Builds AMP's ``grad_fn`` for a Linen loss, as Flax writes it or with explicit inputs.
 
-  The returned ``grad_fn(params, inner_step)`` is pure: it evaluates
-  ``loss_fn(params, batch_stats, batch, rng)`` at the perturbed ``params``,
-  with the same ``batch_stats`` and ``batch`` as the clean pass, and returns
-  the gradient with respect to ``params``. The statistics the perturbed pass
-  computes are discarded (the ``"clean"`` BatchNorm policy): keep those of the
-  clean pass, as in the example. For the authors' policy use :func:`amp_step`.
+  The returned ``grad_fn(params, inner_step)`` is pure: it evaluates the loss
+  at the perturbed ``params``, with the same batch statistics, batch and key
+  as the clean pass, and returns the gradient with respect to ``params``. The
+  statistics the perturbed pass computes are discarded (the ``"clean"``
+  BatchNorm policy): keep those of the clean pass, as in the example. For the
+  authors' policy use :func:`amp_step`. Bind it to ``amp_grad_fn``, not
+  ``grad_fn``, a name Flax's steps use for ``jax.value_and_grad``.
+
+  Two forms of ``loss_fn``:
+
+  * Flax's closure, ``make_grad_fn(loss_fn, has_aux=True)`` with
+    ``loss_fn(params)`` as in Flax's ImageNet example: it reads
+    ``state.batch_stats`` (the statistics the clean pass starts from), the
+    batch and the key from the enclosing step, and returns the loss, or
+    ``(loss, aux)`` with ``has_aux`` (e.g. ``(loss, (new_model_state,
+    logits))``; ``aux`` is discarded). The same function serves the clean
+    pass and AMP.
+  * ``make_grad_fn(loss_fn, batch_stats, batch, rng)`` with
+    ``loss_fn(params, batch_stats, batch, rng)``, needed for
+    ``rng_policy="fold_in"`` and by :func:`apply_gradients` and
+    :func:`amp_step`.
 
   A ``grad_fn`` is a Python function: it cannot be returned from one
   :func:`jax.jit` and passed into another. When the step is split in two
@@ -305,51 +468,108 @@ def make_grad_fn(
     >>> state = flax_linen.TrainState.create(
     ...     apply_fn=model.apply, params=variables["params"],
     ...     batch_stats=variables["batch_stats"],
-    ...     tx=optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1)))
-    >>> def loss_fn(params, batch_stats, batch, rng):
-    ...   logits, updates = model.apply(
-    ...       {"params": params, "batch_stats": batch_stats}, batch["image"],
-    ...       train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    ...   loss = optax.softmax_cross_entropy_with_integer_labels(
-    ...       logits, batch["label"]).mean()
-    ...   return loss, (logits, updates)
+    ...     tx=optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1)))
     >>> @jax.jit
     ... def train_step(state, batch, rng):
-    ...   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    ...       state.params, state.batch_stats, batch, rng)
-    ...   grad_fn = flax_linen.make_grad_fn(
-    ...       loss_fn, state.batch_stats, batch, rng, has_aux=True)
+    ...   def loss_fn(params):  # Flax's closure form
+    ...     logits, new_model_state = state.apply_fn(
+    ...         {"params": params, "batch_stats": state.batch_stats},
+    ...         batch["image"], train=True, mutable=["batch_stats"],
+    ...         rngs={"dropout": rng})
+    ...     loss = optax.softmax_cross_entropy_with_integer_labels(
+    ...         logits, batch["label"]).mean()
+    ...     return loss, (new_model_state, logits)
+    ...   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    ...   (loss, (new_model_state, logits)), grads = grad_fn(state.params)
+    ...   amp_grad_fn = flax_linen.make_grad_fn(loss_fn, has_aux=True)
     ...   return state.apply_gradients(
-    ...       grads=grads, grad_fn=grad_fn, batch_stats=updates["batch_stats"])
+    ...       grads=grads, grad_fn=amp_grad_fn,
+    ...       batch_stats=new_model_state["batch_stats"])
     >>> state = train_step(state, {"image": x, "label": y}, jax.random.key(1))
     >>> int(state.step)
     1
 
   Args:
-    loss_fn: ``loss_fn(params, batch_stats, batch, rng)``, the model applied
-      in training mode with ``mutable=["batch_stats"]``. It returns
-      ``(loss, new_batch_stats)``, or with ``has_aux`` either
-      ``(loss, (aux, new_batch_stats))`` (Flax's usual order, e.g.
-      ``(loss, (logits, updates))``) or ``(loss, (new_batch_stats, aux))``;
-      the element structured like ``batch_stats`` is taken as the new
-      statistics, and ``new_batch_stats`` may also be Linen's updates dict
-      ``{"batch_stats": ...}``. Without statistics (``batch_stats=None``) it
-      may return the loss alone, or ``(loss, aux)`` with ``has_aux``.
+    loss_fn: Flax's closure ``loss_fn(params)``, or ``loss_fn(params,
+      batch_stats, batch, rng)``, the model applied in training mode with
+      ``mutable=["batch_stats"]``, returning ``(loss, new_batch_stats)``, or
+      with ``has_aux`` either ``(loss, (aux, new_batch_stats))`` (Flax's
+      usual order, e.g. ``(loss, (logits, updates))``) or ``(loss,
+      (new_batch_stats, aux))``; the element structured like ``batch_stats``
+      is taken as the new statistics, and ``new_batch_stats`` may also be
+      Linen's updates dict ``{"batch_stats": ...}``. Without statistics
+      (``batch_stats=None``) it may return the loss alone, or ``(loss, aux)``
+      with ``has_aux``.
     batch_stats: the statistics the clean pass started from (not the ones it
-      returned), or ``None``.
-    batch: the clean pass's batch.
-    rng: the clean pass's PRNG key, a pytree of keys, or ``None``.
-    has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
+      returned), or ``None``; omitted with the closure form.
+    batch: the clean pass's batch; omitted with the closure form.
+    rng: the clean pass's PRNG key, a pytree of keys, or ``None``; omitted
+      with the closure form.
+    has_aux: whether ``loss_fn`` returns ``aux`` besides the loss (and the
+      statistics).
     rng_policy: ``"same"`` passes ``rng`` to every perturbed pass;
-      ``"fold_in"`` passes ``jax.random.fold_in(rng, inner_step)``.
+      ``"fold_in"`` passes ``jax.random.fold_in(rng, inner_step)`` (not with
+      the closure form, whose key is its own).
+    dynamic_scale: the :class:`~flax.training.dynamic_scale.DynamicScale`
+      the clean pass used (``state.dynamic_scale``, before the step), or
+      ``None``. Each perturbed pass is then ``dynamic_scale.value_and_grad``'s
+      (scaled loss, unscaled float32 gradient, without ``axis_name``:
+      ``amp``'s ``batch_axis_name`` averages it), and a non-finite one
+      returns NaN gradients; decide the step with
+      :func:`dynamic_scale_after_amp`.
 
   Returns:
     ``grad_fn(params, inner_step) -> grads``, for ``tx.update(...,
-    grad_fn=grad_fn)`` or :meth:`TrainState.apply_gradients`.
+    grad_fn=amp_grad_fn)`` or :meth:`TrainState.apply_gradients`.
   """
   check_policies("clean", rng_policy)
+  _policies.check_dynamic_scale(dynamic_scale, "flax_linen.make_grad_fn")
+  closure = batch_stats is _CLOSED_OVER and batch is _CLOSED_OVER
+  _check_form(loss_fn, closure, batch_stats, batch, rng, rng_policy)
+  if closure:
+    return _closure_grad_fn(loss_fn, has_aux, dynamic_scale)
   full_loss = _normalised(loss_fn, has_aux, "flax_linen.make_grad_fn")
-  return _grad_fn(full_loss, batch_stats, batch, rng, rng_policy)
+  return _grad_fn(full_loss, batch_stats, batch, rng, rng_policy, dynamic_scale)
+
+
+def dynamic_scale_after_amp(
+    dynamic_scale: Any, is_fin: Any, opt_state: optax.OptState,
+) -> tuple[Any, jax.Array]:
+  """The loss scale after an AMP step, and whether to apply the step.
+
+  Flax's :class:`~flax.training.dynamic_scale.DynamicScale` decides from the
+  clean gradient alone; AMP's update is the gradient of the perturbed passes.
+  This joins them: the step is applied only if the clean gradient
+  (``is_fin``) and every perturbed gradient are finite, and the scale is
+  updated by ``DynamicScale``'s own rule (grow after ``growth_interval``
+  finite steps, back off otherwise) from that joint answer. The perturbed
+  passes' answer is read from ``opt_state``: with
+  ``make_grad_fn(..., dynamic_scale=...)`` a non-finite pass makes the
+  gradient ``amp`` returns NaN, after ``batch_axis_name`` averaged it, so
+  every device decides alike.
+
+  Use it where Flax's ImageNet example skips non-finite steps::
+
+    if dynamic_scale:
+      dynamic_scale, is_fin = flax_linen.dynamic_scale_after_amp(
+          state.dynamic_scale, is_fin, new_state.opt_state)
+      new_state = new_state.replace(...)  # the example's skip, unchanged
+
+  Args:
+    dynamic_scale: the scale before the step (``state.dynamic_scale``), the
+      one the clean and the perturbed passes used; not the one
+      ``value_and_grad`` returned.
+    is_fin: whether the clean gradient is finite, as ``value_and_grad``
+      returned it.
+    opt_state: the optimiser state after the step (``new_state.opt_state``),
+      holding the state of one :func:`amp_optax.amp`.
+
+  Returns:
+    ``(dynamic_scale, is_fin)``: the new scale, and whether the clean and all
+    perturbed gradients were finite (apply the step only then).
+  """
+  return _policies.dynamic_scale_after_amp(dynamic_scale, is_fin, opt_state,
+                                           "flax_linen.dynamic_scale_after_amp")
 
 
 def apply_gradients(
@@ -361,6 +581,7 @@ def apply_gradients(
     rng: Any = None,
     has_aux: bool = False,
     rng_policy: str = "same",
+    dynamic_scale: Any = None,
     tx_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> TrainState:
@@ -391,7 +612,7 @@ def apply_gradients(
     >>> state = flax_linen.TrainState.create(
     ...     apply_fn=model.apply, params=variables["params"],
     ...     batch_stats=variables["batch_stats"],
-    ...     tx=optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1)))
+    ...     tx=optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1)))
     >>> def loss_fn(params, batch_stats, batch, rng):
     ...   logits, updates = model.apply(
     ...       {"params": params, "batch_stats": batch_stats}, batch["image"],
@@ -421,11 +642,14 @@ def apply_gradients(
       ones the clean pass started from).
     grads: the clean pass's gradients at ``state.params``.
     loss_fn: ``loss_fn(params, batch_stats, batch, rng)``, as in
-      :func:`make_grad_fn`.
+      :func:`make_grad_fn` (a closure cannot cross the jit boundary either).
     batch: the clean pass's batch.
     rng: the clean pass's PRNG key (or pytree of keys, or ``None``).
     has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
     rng_policy: ``"same"`` or ``"fold_in"``, as in :func:`make_grad_fn`.
+    dynamic_scale: the loss scale the clean pass used, or ``None``, as in
+      :func:`make_grad_fn`; decide the step with
+      :func:`dynamic_scale_after_amp`.
     tx_kwargs: further keyword arguments for ``tx.update``.
     **kwargs: fields to replace in the returned state, e.g.
       ``batch_stats=updates["batch_stats"]``.
@@ -433,9 +657,9 @@ def apply_gradients(
   Returns:
     The state after the AMP step.
   """
-  grad_fn = make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=has_aux,
-                         rng_policy=rng_policy)
-  return state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs, **kwargs)
+  amp_grad_fn = make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=has_aux,
+                             rng_policy=rng_policy, dynamic_scale=dynamic_scale)
+  return state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, tx_kwargs=tx_kwargs, **kwargs)
 
 
 def amp_step(
@@ -447,6 +671,7 @@ def amp_step(
     has_aux: bool = False,
     stats_policy: str = "clean",
     rng_policy: str = "same",
+    axis_name: str | None = None,
     tx_kwargs: dict[str, Any] | None = None,
 ) -> tuple[TrainState, Any]:
   """One AMP training step for a Linen :class:`TrainState` with batch statistics.
@@ -454,7 +679,16 @@ def amp_step(
   Runs the clean pass (loss, gradient and new statistics at
   ``state.params``), then ``state.tx.update`` with a ``grad_fn`` for the
   perturbed passes, applies the update and sets ``state.batch_stats``
-  according to ``stats_policy``. Call it inside :func:`jax.jit`.
+  according to ``stats_policy``. Call it inside :func:`jax.jit`, or inside
+  :func:`jax.pmap` with ``axis_name``.
+
+  A state with a ``dynamic_scale`` field that is not ``None`` (a subclass
+  declaring ``dynamic_scale: DynamicScale``, as Flax's ImageNet example does)
+  is trained with that loss scale: the clean and the perturbed passes are
+  ``dynamic_scale.value_and_grad``'s, and when any of their gradients is not
+  finite the step is skipped (``params`` and ``opt_state`` kept; ``step`` and
+  ``batch_stats`` advance, as in Flax's example) and the scale backs off; see
+  :func:`dynamic_scale_after_amp`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -472,7 +706,7 @@ def amp_step(
     >>> state = flax_linen.TrainState.create(
     ...     apply_fn=model.apply, params=variables["params"],
     ...     batch_stats=variables["batch_stats"],
-    ...     tx=optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1)))
+    ...     tx=optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1)))
     >>> def loss_fn(params, batch_stats, batch, rng):
     ...   x, y = batch
     ...   out, updates = model.apply(
@@ -487,7 +721,7 @@ def amp_step(
   Args:
     state: a :class:`TrainState` whose ``tx`` contains :func:`amp_optax.amp`
       (first in an :func:`optax.chain`); ``state.batch_stats`` is passed to
-      ``loss_fn``.
+      ``loss_fn``, and a ``state.dynamic_scale`` scales the loss.
     loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` returning
       ``(loss, new_batch_stats)``, or with ``has_aux``
       ``(loss, (aux, new_batch_stats))`` or ``(loss, (new_batch_stats,
@@ -500,31 +734,58 @@ def amp_step(
       each perturbed pass's updates in turn, as the authors' PyTorch code
       does (needs ``jax.new_ref``).
     rng_policy: ``"same"`` or ``"fold_in"``, as in :func:`make_grad_fn`.
+    axis_name: under :func:`jax.pmap` (per-device batches), the mapped axis:
+      the clean gradient and the new statistics are averaged over it. Give
+      ``amp`` the same name as ``batch_axis_name`` (it averages the
+      perturbed gradients).
     tx_kwargs: further keyword arguments for ``tx.update``, e.g.
       ``{"value": loss}``.
 
   Returns:
     ``(new_state, loss)``, or ``(new_state, (loss, aux))`` if ``has_aux``;
-    ``loss`` and ``aux`` are those of the clean pass.
+    ``loss`` and ``aux`` are those of the clean pass, on this device.
   """
   check_policies(stats_policy, rng_policy)
+  dynamic_scale = getattr(state, "dynamic_scale", None)
+  _policies.check_dynamic_scale(dynamic_scale, "flax_linen.amp_step")
   full_loss = _normalised(loss_fn, has_aux, "flax_linen.amp_step")
-  (loss, (clean_stats, aux)), grads = jax.value_and_grad(full_loss, has_aux=True)(
-      state.params, state.batch_stats, batch, rng)
+  clean_args = (state.params, state.batch_stats, batch, rng)
+  if dynamic_scale is None:
+    (loss, (clean_stats, aux)), grads = jax.value_and_grad(full_loss, has_aux=True)(*clean_args)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+  else:  # value_and_grad averages over axis_name itself, before it checks finiteness.
+    _, clean_finite, (loss, (clean_stats, aux)), grads = dynamic_scale.value_and_grad(
+        full_loss, has_aux=True, axis_name=axis_name)(*clean_args)
+
+  def averaged(stats):
+    return stats if axis_name is None else jax.lax.pmean(stats, axis_name)
+
+  perturbed_pass = _perturbed_pass(full_loss, dynamic_scale)
   if stats_policy == "clean":
-    grad_fn = _grad_fn(full_loss, state.batch_stats, batch, rng, rng_policy)
-    state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs,
-                                  batch_stats=clean_stats)
+    def grad_fn(params, inner_step):
+      grads, _ = perturbed_pass(params, state.batch_stats, batch,
+                                _perturbed_rng(rng, inner_step, rng_policy))
+      return grads
+
+    new_state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs,
+                                      batch_stats=averaged(clean_stats))
   else:
     refs = _new_refs(clean_stats)
-    grad = jax.grad(full_loss, has_aux=True)
 
     def grad_fn(params, inner_step):
-      grads, (new_stats, _) = grad(params, _read_refs(refs), batch,
-                                   _perturbed_rng(rng, inner_step, rng_policy))
+      grads, new_stats = perturbed_pass(params, _read_refs(refs), batch,
+                                        _perturbed_rng(rng, inner_step, rng_policy))
       _write_refs(refs, new_stats)
       return grads
 
-    state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs)
-    state = state.replace(batch_stats=_read_refs(refs))
-  return state, ((loss, aux) if has_aux else loss)
+    new_state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs=tx_kwargs)
+    new_state = new_state.replace(batch_stats=averaged(_read_refs(refs)))
+  if dynamic_scale is not None:
+    dynamic_scale, finite = dynamic_scale_after_amp(dynamic_scale, clean_finite,
+                                                    new_state.opt_state)
+    new_state = new_state.replace(
+        params=_policies.keep_where_finite(finite, new_state.params, state.params),
+        opt_state=_policies.keep_where_finite(finite, new_state.opt_state, state.opt_state),
+        dynamic_scale=dynamic_scale)
+  return new_state, ((loss, aux) if has_aux else loss)

@@ -1,6 +1,6 @@
-"""AMP with Flax NNX: a pure ``grad_fn`` for ``nnx.Optimizer``, and a one-call step.
+"""AMP with Flax NNX: a pure ``grad_fn`` for ``nnx.Optimizer``, a one-call step, loss scaling.
 
-With NNX the AMP update is ``optimizer.update(model, grads, grad_fn=grad_fn)``:
+With NNX the AMP update is ``optimizer.update(model, grads, grad_fn=amp_grad_fn)``:
 :class:`flax.nnx.Optimizer` forwards keyword arguments to ``tx.update``. The
 ``grad_fn`` runs inside ``tx.update`` (inside a :func:`jax.lax.fori_loop` when
 ``inner_steps > 1``), so it must be pure: it may not run the live model, nor
@@ -15,17 +15,22 @@ would be mutated from inside the loop's trace. This module provides:
   in the model and also passed to the loss is one object in the copies too),
   with the perturbed parameters, so the live objects are never touched;
 * :func:`amp_step`: the clean pass, ``optimizer.update`` with that
-  ``grad_fn``, and the new statistics, in one call.
+  ``grad_fn``, and the new statistics, in one call; with ``dynamic_scale=``
+  also loss scaling and the skip of non-finite steps;
+* :func:`dynamic_scale_after_amp`: the loss scale after a step of your own
+  and whether to apply it, counting the perturbed passes' gradients.
 
 Flax's NNX MNIST step takes AMP with two changes: ``amp`` first in the
-optimiser's chain, and ``grad_fn=`` in ``optimizer.update``::
+optimiser's chain, and ``grad_fn=amp_grad_fn`` in ``optimizer.update``. Bind the
+builder's result to ``amp_grad_fn``: Flax's steps use the name ``grad_fn``
+for ``nnx.value_and_grad``, and a later ``grad_fn = ...`` would replace it::
 
   @nnx.jit
   def train_step(model, optimizer, metrics, rngs, batch):
-    grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # new
+    amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # new
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
     metrics.update(loss=loss, logits=logits, labels=batch["label"])
-    optimizer.update(model, grads, grad_fn=grad_fn)                             # grad_fn=
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)                             # grad_fn=
 
 Only the model's parameters selected by the optimizer's ``wrt`` are perturbed
 and differentiated; the parameters of other modules among the arguments are
@@ -59,6 +64,16 @@ start from the advanced RNG counters and statistics, and ``epsilon=0`` would
 no longer be ERM; ``grad_fn`` detects this (the live RNG counters or batch
 statistics it would advance are still the very arrays of its snapshot) and
 raises an error.
+
+Loss scaling (float16). With Flax's
+:class:`~flax.training.dynamic_scale.DynamicScale` (NNX has none of its own),
+``make_grad_fn(..., dynamic_scale=ds)`` computes each perturbed pass with
+``ds.value_and_grad`` (the loss multiplied by ``ds.scale``, the gradient
+divided by it, in float32) and returns NaN gradients for a non-finite one;
+:func:`dynamic_scale_after_amp` then joins the perturbed passes' finiteness
+to the clean pass's. ``amp_step(..., dynamic_scale=ds)`` does the whole step:
+the clean pass scaled alike, the skip (parameters and optimiser state kept)
+when the clean or any perturbed gradient is not finite, and the new scale.
 """
 
 from collections.abc import Callable
@@ -71,13 +86,14 @@ try:
 except ModuleNotFoundError as e:
   raise _policies.missing_flax("amp_optax.flax_nnx", e) from e
 import jax
+import jax.numpy as jnp
 import optax
 
 from amp_optax._policies import RNG_POLICIES
 from amp_optax._policies import STATS_POLICIES
 from amp_optax._policies import check_policies
 
-__all__ = ("STATS_POLICIES", "RNG_POLICIES", "amp_step", "make_grad_fn")
+__all__ = ("STATS_POLICIES", "RNG_POLICIES", "amp_step", "dynamic_scale_after_amp", "make_grad_fn")
 
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
@@ -145,9 +161,13 @@ class _Snapshot:
     return nnx.as_pure(counts), nnx.as_pure(rest)
 
   def perturbed_grad(
-      self, loss_fn: Callable[..., Any], has_aux: bool, rng_policy: str,
+      self, loss_fn: Callable[..., Any], has_aux: bool, rng_policy: str, dynamic_scale: Any,
   ) -> Callable[[Any, Any, Any], tuple[Any, tuple[Any, Any]]]:
-    """``(params, inner_step, rest) -> (grads, (new_counts, new_rest))``, pure."""
+    """``(params, inner_step, rest) -> (grads, (new_counts, new_rest))``, pure.
+
+    With a loss scale, the pass is ``dynamic_scale.value_and_grad``'s, and a
+    non-finite one returns NaN gradients.
+    """
 
     def loss_at(params, keys, rest):
       model, args = self.merge(params, keys, self.counts, rest)
@@ -156,7 +176,14 @@ class _Snapshot:
       loss = out[0] if has_aux else out
       return loss, self.state_of(model, args)
 
-    grad = jax.grad(loss_at, has_aux=True)
+    if dynamic_scale is None:
+      grad = jax.grad(loss_at, has_aux=True)
+    else:
+      scaled_value_and_grad = dynamic_scale.value_and_grad(loss_at, has_aux=True)
+
+      def grad(params, keys, rest):
+        _, finite, (_, new_state), grads = scaled_value_and_grad(params, keys, rest)
+        return _policies.nan_unless_finite(grads, finite, params), new_state
 
     def grad_and_rest(params, inner_step, rest):
       keys = self.keys
@@ -190,6 +217,7 @@ def make_grad_fn(
     wrt: Any = nnx.Param,
     has_aux: bool = False,
     rng_policy: str = "same",
+    dynamic_scale: Any = None,
 ) -> GradFn:
   """Builds a pure AMP ``grad_fn`` for an NNX model, for ``nnx.Optimizer.update``.
 
@@ -202,7 +230,8 @@ def make_grad_fn(
   of the model and of those objects, evaluates ``loss_fn(model_copy,
   *args_copies)`` and returns the gradient; the copies' new state is
   discarded and the live objects are never mutated (the ``"clean"`` policy).
-  For the authors' policy use :func:`amp_step`.
+  For the authors' policy use :func:`amp_step`. Bind it to ``amp_grad_fn``:
+  Flax's steps use ``grad_fn`` for ``nnx.value_and_grad``.
 
   If it was called after the clean pass, ``grad_fn`` raises a
   ``RuntimeError`` rather than return gradients from the wrong RNG state and
@@ -221,7 +250,7 @@ def make_grad_fn(
     ...   def __call__(self, x, rngs=None):
     ...     return self.fc2(self.dropout(nnx.relu(self.bn(self.fc1(x))), rngs=rngs))
     >>> model = Net(nnx.Rngs(0))
-    >>> tx = optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1, momentum=0.9))
+    >>> tx = optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1, momentum=0.9))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     >>> def loss_fn(model, batch, rngs):
     ...   logits = model(batch["image"], rngs)
@@ -230,10 +259,10 @@ def make_grad_fn(
     ...   return loss, logits
     >>> @nnx.jit
     ... def train_step(model, optimizer, rngs, batch):
-    ...   grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)
-    ...   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-    ...       model, batch, rngs)
-    ...   optimizer.update(model, grads, grad_fn=grad_fn)
+    ...   amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)
+    ...   grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    ...   (loss, logits), grads = grad_fn(model, batch, rngs)
+    ...   optimizer.update(model, grads, grad_fn=amp_grad_fn)
     ...   return loss
     >>> batch = {"image": jnp.ones((4, 2)), "label": jnp.array([0, 1, 2, 0])}
     >>> rngs = nnx.Rngs(dropout=1)
@@ -253,14 +282,20 @@ def make_grad_fn(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     rng_policy: ``"same"`` gives the perturbed passes the snapshot's RNG
       state; ``"fold_in"`` folds ``inner_step`` into each of its keys.
+    dynamic_scale: the :class:`~flax.training.dynamic_scale.DynamicScale`
+      the clean pass used, or ``None``. Each perturbed pass is then
+      ``dynamic_scale.value_and_grad``'s (scaled loss, unscaled float32
+      gradient), and a non-finite one returns NaN gradients; decide the step
+      with :func:`dynamic_scale_after_amp`.
 
   Returns:
     ``grad_fn(params, inner_step) -> grads``, pure, for
-    ``optimizer.update(model, grads, grad_fn=grad_fn)``.
+    ``optimizer.update(model, grads, grad_fn=amp_grad_fn)``.
   """
   check_policies("clean", rng_policy)
+  _policies.check_dynamic_scale(dynamic_scale, "flax_nnx.make_grad_fn")
   snapshot = _Snapshot(model, args, wrt)
-  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy)
+  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy, dynamic_scale)
 
   def grad_fn(params: optax.Params, inner_step: Any) -> optax.Updates:
     grads, new_state = grad_and_rest(params, inner_step, snapshot.rest)
@@ -268,6 +303,61 @@ def make_grad_fn(
     return grads
 
   return grad_fn
+
+
+def dynamic_scale_after_amp(
+    dynamic_scale: Any, is_fin: Any, opt_state: Any,
+) -> tuple[Any, jax.Array]:
+  """The loss scale after an AMP step, and whether to apply the step.
+
+  The step is to be applied only if the clean gradient (``is_fin``) and every
+  perturbed gradient are finite; the scale is updated by ``DynamicScale``'s
+  own rule from that joint answer. The perturbed passes' answer is read from
+  the optimiser state: with ``make_grad_fn(..., dynamic_scale=...)`` a
+  non-finite pass makes the gradient ``amp`` returns NaN. :func:`amp_step`
+  with ``dynamic_scale`` calls this itself.
+
+  Args:
+    dynamic_scale: the :class:`~flax.training.dynamic_scale.DynamicScale`
+      before the step, the one the clean and the perturbed passes used.
+    is_fin: whether the clean gradient is finite.
+    opt_state: ``optimizer.opt_state`` after ``optimizer.update``, holding
+      the state of one :func:`amp_optax.amp`.
+
+  Returns:
+    ``(dynamic_scale, is_fin)``: the new scale, and whether the clean and all
+    perturbed gradients were finite (keep the step only then).
+  """
+  return _policies.dynamic_scale_after_amp(dynamic_scale, is_fin, nnx.as_pure(opt_state),
+                                           "flax_nnx.dynamic_scale_after_amp")
+
+
+def _scaled_value_and_grad(loss_fn: Callable[..., Any], has_aux: bool, wrt: Any,
+                           dynamic_scale: Any) -> Callable[..., tuple[Any, Any, Any]]:
+  """The clean pass on the live objects, ``-> (out, grads, finite)``; scaled as ``DynamicScale``."""
+  diff = nnx.DiffState(0, wrt)
+  if dynamic_scale is None:
+    value_and_grad = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=has_aux)
+
+    def unscaled(*args):
+      out, grads = value_and_grad(*args)
+      return out, grads, None
+
+    return unscaled
+
+  def scaled_loss(model, *args):
+    out = loss_fn(model, *args)
+    return dynamic_scale.scale * (out[0] if has_aux else out), out
+
+  value_and_grad = nnx.value_and_grad(scaled_loss, argnums=diff, has_aux=True)
+
+  def scaled(*args):
+    (_, out), grads = value_and_grad(*args)
+    # DynamicScale's own unscaling: in float32, then divided.
+    grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32) / dynamic_scale.scale, grads)
+    return out, grads, _policies.all_finite(grads)
+
+  return scaled
 
 
 def amp_step(
@@ -278,6 +368,7 @@ def amp_step(
     has_aux: bool = False,
     stats_policy: str = "clean",
     rng_policy: str = "same",
+    dynamic_scale: Any = None,
     tx_kwargs: dict[str, Any] | None = None,
 ) -> Any:
   """One AMP training step of an NNX model, in place.
@@ -289,6 +380,14 @@ def amp_step(
   ``grad_fn`` for the perturbed passes (see :func:`make_grad_fn`), and
   finally sets the statistics according to ``stats_policy``. Use it inside
   :func:`nnx.jit`.
+
+  With ``dynamic_scale`` (Flax's
+  :class:`~flax.training.dynamic_scale.DynamicScale`), the clean and the
+  perturbed passes are loss-scaled alike (gradient of ``scale * loss``,
+  divided by ``scale`` in float32); when any of their gradients is not
+  finite the step is skipped (the parameters and ``optimizer.opt_state``
+  are kept; the statistics, RNG counters and ``optimizer.step`` advance, as
+  in Flax's ImageNet example) and the scale backs off.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -303,7 +402,7 @@ def amp_step(
     ...   def __call__(self, x):
     ...     return self.fc2(self.dropout(nnx.relu(self.bn(self.fc1(x)))))
     >>> model = Net(nnx.Rngs(0))
-    >>> tx = optax.chain(amp_optax.amp(epsilon=0.1), optax.sgd(0.1))
+    >>> tx = optax.chain(amp_optax.amp(epsilon=0.05), optax.sgd(0.1))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     >>> def loss_fn(model, x, y):
     ...   return jnp.mean((model(x) - y) ** 2)
@@ -327,23 +426,31 @@ def amp_step(
       non-RNG, non-parameter variables in turn, as the authors' PyTorch code
       does with BatchNorm statistics (needs ``jax.new_ref``).
     rng_policy: ``"same"`` or ``"fold_in"``, as in :func:`make_grad_fn`.
+    dynamic_scale: a :class:`~flax.training.dynamic_scale.DynamicScale`, or
+      ``None`` (no loss scaling).
     tx_kwargs: further keyword arguments for ``tx.update``, e.g.
       ``{"value": loss}``.
 
   Returns:
-    The clean pass's loss, or ``(loss, aux)`` if ``has_aux``.
+    The clean pass's loss, or ``(loss, aux)`` if ``has_aux``. With
+    ``dynamic_scale``, ``(that, new_dynamic_scale, is_fin)``: ``is_fin`` says
+    whether the step was applied.
   """
   check_policies(stats_policy, rng_policy)
+  _policies.check_dynamic_scale(dynamic_scale, "flax_nnx.amp_step")
   wrt = optimizer.wrt
   snapshot = _Snapshot(model, args, wrt)  # before the clean pass mutates the live objects.
-  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy)
+  grad_and_rest = snapshot.perturbed_grad(loss_fn, has_aux, rng_policy, dynamic_scale)
 
   def checked_loss(model, *args):
     out = loss_fn(model, *args)
     _policies.check_loss_output(out, has_aux, "flax_nnx.amp_step", _AUX_FORM)
     return out
 
-  out, grads = nnx.value_and_grad(checked_loss, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
+  if dynamic_scale is not None:  # what a skipped step keeps.
+    kept = _variables((nnx.state(model, wrt), optimizer.opt_state))
+    kept_values = [var.get_value() for var in kept]
+  out, grads, clean_finite = _scaled_value_and_grad(checked_loss, has_aux, wrt, dynamic_scale)(
       model, *args)
 
   if stats_policy == "clean":
@@ -353,25 +460,30 @@ def amp_step(
       return grads
 
     optimizer.update(model, grads, grad_fn=grad_fn, **(tx_kwargs or {}))
+  else:
+    if not hasattr(jax, "new_ref"):
+      raise NotImplementedError(
+          "stats_policy='authors' carries the perturbed passes' statistics out of tx.update in "
+          f"mutable array references (jax.new_ref), which JAX {jax.__version__} lacks. Upgrade "
+          "JAX or use stats_policy='clean'.")
+    # The clean pass's state (statistics), of the model and of the NNX objects among args.
+    refs = [jax.new_ref(var.get_value()) for var in snapshot.live_rest]
+    rest_def = jax.tree.structure(snapshot.rest)
+
+    def authors_grad_fn(params, inner_step):
+      rest = jax.tree.unflatten(rest_def, [ref[...] for ref in refs])
+      grads, (_, new_rest) = grad_and_rest(params, inner_step, rest)
+      for ref, value in zip(refs, jax.tree.leaves(new_rest), strict=True):
+        ref[...] = value
+      return grads
+
+    optimizer.update(model, grads, grad_fn=authors_grad_fn, **(tx_kwargs or {}))
+    for var, ref in zip(snapshot.live_rest, refs, strict=True):
+      var.set_value(ref[...])
+  if dynamic_scale is None:
     return out
-
-  if not hasattr(jax, "new_ref"):
-    raise NotImplementedError(
-        "stats_policy='authors' carries the perturbed passes' statistics out of tx.update in "
-        f"mutable array references (jax.new_ref), which JAX {jax.__version__} lacks. Upgrade "
-        "JAX or use stats_policy='clean'.")
-  # The clean pass's state (statistics), of the model and of the NNX objects among args.
-  refs = [jax.new_ref(var.get_value()) for var in snapshot.live_rest]
-  rest_def = jax.tree.structure(snapshot.rest)
-
-  def authors_grad_fn(params, inner_step):
-    rest = jax.tree.unflatten(rest_def, [ref[...] for ref in refs])
-    grads, (_, new_rest) = grad_and_rest(params, inner_step, rest)
-    for ref, value in zip(refs, jax.tree.leaves(new_rest), strict=True):
-      ref[...] = value
-    return grads
-
-  optimizer.update(model, grads, grad_fn=authors_grad_fn, **(tx_kwargs or {}))
-  for var, ref in zip(snapshot.live_rest, refs, strict=True):
-    var.set_value(ref[...])
-  return out
+  dynamic_scale, finite = dynamic_scale_after_amp(dynamic_scale, clean_finite,
+                                                  optimizer.opt_state)
+  for var, old in zip(kept, kept_values, strict=True):
+    var.set_value(jnp.where(finite, var.get_value(), old))
+  return out, dynamic_scale, finite

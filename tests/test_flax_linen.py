@@ -141,8 +141,8 @@ def test_grad_fn_is_forwarded_and_epsilon_zero_is_erm():
   state, loss_fn, batch = _setup()
   (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, batch, None)
-  grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)
-  amp_state = state.apply_gradients(grads=grads, grad_fn=grad_fn, batch_stats=stats)
+  amp_grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)
+  amp_state = state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, batch_stats=stats)
   erm_state, _, _ = _setup(amp=False)
   erm_state = erm_state.apply_gradients(grads=grads, batch_stats=stats)
   assert _max_abs_diff(amp_state.params, erm_state.params) > 1e-4
@@ -151,7 +151,7 @@ def test_grad_fn_is_forwarded_and_epsilon_zero_is_erm():
   assert float(amp_state.opt_state[0].delta_norm) > 0.0
 
   zero_state, _, _ = _setup(epsilon=0.0)
-  zero_state = zero_state.apply_gradients(grads=grads, grad_fn=grad_fn)
+  zero_state = zero_state.apply_gradients(grads=grads, grad_fn=amp_grad_fn)
   _allclose(zero_state.params, erm_state.params, rtol=1e-6, atol=1e-7)
 
 
@@ -181,8 +181,8 @@ def test_value_extra_arg_passes_through():
   state, loss_fn, batch = _setup(base=optax.chain(record_value(), optax.sgd(LR)))
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, batch, None)
-  grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)
-  new_state = state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs={"value": loss},
+  amp_grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch)
+  new_state = state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, tx_kwargs={"value": loss},
                                     batch_stats=stats)
   recorded: Any = new_state.opt_state[1][0]
   np.testing.assert_allclose(recorded.value, loss)
@@ -190,7 +190,7 @@ def test_value_extra_arg_passes_through():
   new_state, loss2 = flax_linen.amp_step(state, loss_fn, batch, tx_kwargs={"value": 7.0})
   assert float(new_state.opt_state[1][0].value) == 7.0
   with pytest.raises(TypeError, match="once"):
-    state.apply_gradients(grads=grads, grad_fn=grad_fn, tx_kwargs={"grad_fn": grad_fn})
+    state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, tx_kwargs={"grad_fn": amp_grad_fn})
 
 
 def test_tx_without_extra_args_is_rejected():

@@ -12,6 +12,7 @@ import textwrap
 from typing import Any
 
 import flax.linen as nn
+from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,9 @@ def _one_jit(amp, traces):
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, rng)
     if amp:
-      grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=True)
-      return state.apply_gradients(grads=grads, grad_fn=grad_fn,
+      amp_grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch, rng,
+                                            has_aux=True)
+      return state.apply_gradients(grads=grads, grad_fn=amp_grad_fn,
                                    batch_stats=updates["batch_stats"])
     return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
 
@@ -218,9 +220,9 @@ def test_flax_train_state_drops_grad_fn_and_the_error_names_ours():
   state, batch, rng = _state(0.1, cls=FlaxTrainState), _batches(1)[0], jax.random.key(1)
   (_, (_, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, batch, rng)
-  grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=True)
+  amp_grad_fn = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=True)
   with pytest.raises(ValueError, match=r"amp_optax\.flax_linen\.TrainState"):
-    state.apply_gradients(grads=grads, grad_fn=grad_fn, batch_stats=updates["batch_stats"])
+    state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, batch_stats=updates["batch_stats"])
 
 
 def test_train_state_is_a_drop_in_for_flax():
@@ -243,6 +245,94 @@ def test_train_state_is_a_drop_in_for_flax():
   ours, theirs = (s.apply_gradients(grads=grads, batch_stats=stats) for s in (ours, theirs))
   _identical((ours.params, ours.batch_stats, ours.opt_state),
              (theirs.params, theirs.batch_stats, theirs.opt_state))
+
+
+def test_train_state_subclasses_as_flax_s_imagenet_example():
+  class ImageNetTrainState(flax_linen.TrainState):  # Flax's ImageNet example, on ours
+    batch_stats: Any
+    dynamic_scale: dynamic_scale_lib.DynamicScale
+
+  class ScaledTrainState(flax_linen.TrainState):  # batch_stats inherited, still optional
+    dynamic_scale: dynamic_scale_lib.DynamicScale
+
+  variables = MODEL.init(jax.random.key(0), jnp.ones((1, 6)), train=False)
+  common = {"apply_fn": MODEL.apply, "params": variables["params"], "tx": optax.sgd(LR)}
+  state = ImageNetTrainState.create(**common, batch_stats=variables["batch_stats"],
+                                    dynamic_scale=None)
+  _identical(state.batch_stats, variables["batch_stats"])
+  with pytest.raises(TypeError, match="batch_stats"):  # required, as in Flax's own subclass
+    ImageNetTrainState.create(**common, dynamic_scale=None)
+  scaled = ScaledTrainState.create(**common, dynamic_scale=dynamic_scale_lib.DynamicScale())
+  assert scaled.batch_stats is None and float(scaled.dynamic_scale.scale) == 2.0**16
+
+
+def _closure_step(amp, traces):
+  """Flax's ImageNet step shape: loss_fn(params) closes over the state, batch and key."""
+
+  @jax.jit
+  def train_step(state, batch, rng):
+    traces.append(1)
+
+    def loss_fn(params):
+      logits, new_model_state = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, (new_model_state, logits)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (new_model_state, _)), grads = grad_fn(state.params)
+    extra = {"grad_fn": flax_linen.make_grad_fn(loss_fn, has_aux=True)} if amp else {}
+    return state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"],
+                                 **extra)
+
+  return train_step
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_closure_loss_fn_epsilon_zero_is_erm_bit_for_bit_and_traces_once(inner_steps):
+  batches = _batches()
+  erm_traces, amp_traces = [], []
+  erm = _run(_closure_step(False, erm_traces), _state(cls=FlaxTrainState), batches)
+  amp = _run(_closure_step(True, amp_traces), _state(0.0, inner_steps), batches)
+  _assert_same(erm, amp)
+  assert len(erm_traces) == len(amp_traces) == 1
+
+
+def test_closure_loss_fn_gives_the_explicit_form_s_gradient():
+  state, batch, rng = _state(0.5), _batches(1)[0], jax.random.key(1)
+  perturbed = jax.tree.map(lambda p: p + 0.1, state.params)
+
+  def closure(params):
+    return loss_fn(params, state.batch_stats, batch, rng)[0]
+
+  explicit = flax_linen.make_grad_fn(loss_fn, state.batch_stats, batch, rng, has_aux=True)
+  _identical(flax_linen.make_grad_fn(closure)(perturbed, 0), explicit(perturbed, 0))
+  # One step of each form, one jit or none: the same state.
+  closure_state = _run(_closure_step(True, []), state, [batch])
+  explicit_state = _run(_one_jit(True, []), state, [batch])
+  _identical(closure_state.params, explicit_state.params)
+
+
+def test_make_grad_fn_says_which_form_to_write():
+  state, batch, rng = _state(0.1), _batches(1)[0], jax.random.key(1)
+
+  def closure(params):
+    return loss_fn(params, state.batch_stats, batch, rng)
+
+  with pytest.raises(TypeError, match=r"takes params only.*make_grad_fn\(loss_fn, has_aux"):
+    flax_linen.make_grad_fn(closure, state.batch_stats, batch, rng, has_aux=True)
+  with pytest.raises(TypeError, match=r"make_grad_fn\(loss_fn, state\.batch_stats, batch, rng"):
+    flax_linen.make_grad_fn(loss_fn, has_aux=True)
+  with pytest.raises(TypeError, match="both `batch_stats` and `batch`"):
+    flax_linen.make_grad_fn(loss_fn, state.batch_stats)
+  with pytest.raises(TypeError, match="reads its key itself"):
+    flax_linen.make_grad_fn(closure, rng=rng, has_aux=True)
+  with pytest.raises(ValueError, match="rng_policy='fold_in' needs the key"):
+    flax_linen.make_grad_fn(closure, has_aux=True, rng_policy="fold_in")
+  # Flax's (loss, (new_model_state, logits)) without has_aux.
+  with pytest.raises(TypeError, match="pass has_aux=True"):
+    flax_linen.make_grad_fn(closure)(state.params, 0)
 
 
 @pytest.mark.parametrize("module", ["amp_optax.flax_nnx", "amp_optax.flax_linen"])

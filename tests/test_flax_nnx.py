@@ -79,9 +79,9 @@ def test_optimizer_update_pattern_trains_batchnorm_dropout_model():
 
   @nnx.jit
   def train_step(model, optimizer, x, y):
-    grad_fn = flax_nnx.make_grad_fn(model, loss_fn, x, y)
+    amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, x, y)
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)
     return loss
 
   x, y = _data()

@@ -110,11 +110,11 @@ def _amp_step(counter, fn=loss_fn, rng_policy="same"):
   @nnx.jit
   def train_step(model, optimizer, metrics, rngs, batch):
     counter.append(1)
-    grad_fn = flax_nnx.make_grad_fn(model, fn, batch, rngs, has_aux=True,
-                                    rng_policy=rng_policy)                  # the AMP line
+    amp_grad_fn = flax_nnx.make_grad_fn(model, fn, batch, rngs, has_aux=True,
+                                        rng_policy=rng_policy)              # the AMP line
     (loss, logits), grads = nnx.value_and_grad(fn, has_aux=True)(model, batch, rngs)
     metrics.update(loss=loss, logits=logits, labels=batch["label"])
-    optimizer.update(model, grads, grad_fn=grad_fn)                         # grad_fn=
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)                     # grad_fn=
 
   return train_step
 
@@ -165,14 +165,14 @@ def test_rngs_stored_in_the_model_and_passed_in_stay_shared():
   model, optimizer, _, rngs = _setup(optax.sgd(LR), 0.0, store_rngs=True)
   assert model.rngs is rngs  # one Rngs, two ways in.
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  grad_fn = flax_nnx.make_grad_fn(model, shared_loss_fn, batch, rngs, has_aux=True)
+  amp_grad_fn = flax_nnx.make_grad_fn(model, shared_loss_fn, batch, rngs, has_aux=True)
   start = nnx.clone((model, rngs))
 
   # The clean pass, reaching the one Rngs through the model only.
   clean = nnx.grad(lambda m, b: shared_loss_fn(m, b, m.rngs), has_aux=True)(model, batch)[0]
   assert int(rngs.dropout.count[...]) == 2  # the clean pass drew twice from the one stream.
   after_clean = nnx.clone((model, rngs))
-  perturbed = jax.jit(grad_fn)(params, 0)
+  perturbed = jax.jit(amp_grad_fn)(params, 0)
   # Copies with two streams would draw the same mask twice: another gradient.
   for u, v in zip(jax.tree.leaves(perturbed), jax.tree.leaves(nnx.as_pure(clean)), strict=True):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)  # eager vs jit rounding only.
@@ -298,9 +298,9 @@ def test_other_modules_nested_in_args_are_copied_not_perturbed():
     @nnx.jit
     def step(model, optimizer, batch, extras, amp=eps is not None):
       if amp:
-        grad_fn = flax_nnx.make_grad_fn(model, distill_loss, batch, extras, has_aux=True)
+        amp_grad_fn = flax_nnx.make_grad_fn(model, distill_loss, batch, extras, has_aux=True)
         grads = nnx.grad(distill_loss, has_aux=True)(model, batch, extras)[0]
-        optimizer.update(model, grads, grad_fn=grad_fn)
+        optimizer.update(model, grads, grad_fn=amp_grad_fn)
       else:
         grads = nnx.grad(distill_loss, has_aux=True)(model, batch, extras)[0]
         optimizer.update(model, grads)
@@ -324,13 +324,13 @@ def test_make_grad_fn_after_the_clean_pass_fails_loudly(jit, inner_steps):
 
   def wrong_order(model, optimizer, rngs, batch):
     (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
-    grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # too late
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # too late
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)
 
   def right_order(model, optimizer, rngs, batch):
-    grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)
+    amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)
     (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)
 
   wrap = nnx.jit if jit else (lambda f: f)
   model, optimizer, _, rngs = _setup(optax.sgd(LR), 0.1, inner_steps)
@@ -348,10 +348,10 @@ def test_missing_has_aux_says_pass_has_aux():
   with pytest.raises(TypeError, match="pass has_aux=True"):
     flax_nnx.amp_step(model, optimizer, loss_fn, batch, rngs)
   model, optimizer, _, rngs = _setup(optax.sgd(LR), 0.1)
-  grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs)
+  amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs)
   grads = nnx.grad(loss_fn, has_aux=True)(model, batch, rngs)[0]
   with pytest.raises(TypeError, match="pass has_aux=True"):
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)
 
 
 def test_authors_policy_with_rngs_passed_in_equals_rngs_in_the_model():

@@ -2,7 +2,7 @@
 
     python -m examples.flax_mnist_style.train_linen                   # AMP
     python -m examples.flax_mnist_style.train_linen --optimizer erm
-    python examples/flax_mnist_style/train_linen.py --epsilon 0.5
+    python examples/flax_mnist_style/train_linen.py --epsilon 0.05 --inner-steps 2
 
 The shape of Flax's Linen MNIST example: ``apply_model`` (jitted) computes
 the gradients, ``update_model`` (jitted) applies them, with BatchNorm and

@@ -2,15 +2,17 @@
 
     python -m examples.flax_mnist_style.train_nnx                     # AMP, ~20 s on CPU
     python -m examples.flax_mnist_style.train_nnx --optimizer erm
-    python examples/flax_mnist_style/train_nnx.py --epsilon 0.5 --epochs 10
+    python examples/flax_mnist_style/train_nnx.py --epsilon 0.05 --inner-steps 2 --epochs 10
 
 The shape of Flax's NNX MNIST example and tutorial: a CNN with BatchNorm and
 Dropout whose ``nnx.Rngs`` is passed in (``loss_fn(model, batch, rngs)``),
 ``nnx.Optimizer`` with SGD and momentum, ``nnx.MultiMetric`` updated in the
 step, ``model.train()`` / ``model.eval()``. AMP is two changes to Flax's
 step (marked ``# AMP``): ``amp_optax.amp`` first in the optimiser's chain,
-and ``grad_fn=`` in ``optimizer.update``, built by ``flax_nnx.make_grad_fn``
-from the step's own arguments before the clean pass. It writes no files.
+and ``grad_fn=amp_grad_fn`` in ``optimizer.update``, built by
+``flax_nnx.make_grad_fn`` from the step's own arguments before the clean pass
+(named ``amp_grad_fn``: Flax's steps use ``grad_fn`` for
+``nnx.value_and_grad``). It writes no files.
 """
 
 import argparse
@@ -72,10 +74,10 @@ def train_step(model, optimizer, metrics, rngs, batch):
 @nnx.jit
 def amp_train_step(model, optimizer, metrics, rngs, batch):
   """Flax's step with AMP: the same, plus one line and one argument."""
-  grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # AMP
+  amp_grad_fn = flax_nnx.make_grad_fn(model, loss_fn, batch, rngs, has_aux=True)  # AMP
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
   metrics.update(loss=loss, logits=logits, labels=batch["label"])
-  optimizer.update(model, grads, grad_fn=grad_fn)  # AMP: grad_fn=
+  optimizer.update(model, grads, grad_fn=amp_grad_fn)  # AMP: grad_fn=
 
 
 @nnx.jit
