@@ -531,9 +531,13 @@ def amp(
               if m and _perturbable(p)]
     inexact = [i for i, p in enumerate(param_leaves) if _perturbable(p)]
     first = [jnp.asarray(u) for u in update_leaves]
-    clean_mean = first if groups is None else _grouped.mean_leaves(first, groups)
-    # Before the ascent, so the clean gradient need not be kept for it.
-    clean_grad_norm = _inexact_norm(clean_mean)
+    # Before the ascent, so the clean gradient need not be kept for it. With groups: the mean
+    # of the groups' norms (a scalar: no gradient crosses devices for a diagnostic).
+    clean_grad_norm = (_inexact_norm(first) if groups is None
+                       else _grouped.mean_group_norm(first, _inexact_norm))
+
+    def clean_mean():  # only where needed: with groups, a mean over (possibly sharded) groups
+      return first if groups is None else _grouped.mean_leaves(first, groups)
 
     def grads_at(perturbed_leaves, inner_step):
       assert grad_fn is not None  # checked above for every step that ascends
@@ -569,11 +573,12 @@ def amp(
         delta_norm = jnp.mean(delta_norm)
       correction = state.correction
       if reuse:
-        correction = tuple(grad_leaves[i] - clean_mean[i] for i in inexact)
+        clean = clean_mean()
+        correction = tuple(grad_leaves[i] - clean[i] for i in inexact)
       return grad_leaves, delta_norm, correction
 
     def without_ascent():
-      grad_leaves = list(clean_mean)
+      grad_leaves = list(clean_mean())
       if reuse:
         for i, c in zip(inexact, state.correction):
           grad_leaves[i] = grad_leaves[i] + c.astype(grad_leaves[i].dtype)

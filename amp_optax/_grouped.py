@@ -40,6 +40,11 @@ def mean_leaves(leaves: list[Any], groups: int) -> list[Any]:
   return [jnp.mean(x, axis=0).astype(x.dtype) if _inexact(x) else x[0] for x in leaves]
 
 
+def mean_group_norm(leaves: list[Any], norm: Callable[[list[Any]], Any]) -> Any:
+  """The mean over groups of ``norm`` of each group's leaves."""
+  return jnp.mean(jax.vmap(norm)(leaves))
+
+
 def mean_over_groups(updates: Any, groups: int, axis_names: tuple[str, ...] | None) -> Any:
   leaves, treedef = jax.tree.flatten(updates)
   leaves = mean_leaves(leaves, groups)

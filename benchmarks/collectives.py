@@ -154,22 +154,36 @@ def loss_fn(params, x, y):
 
 
 def make_tx(method: str, inner_steps: int = 0, norm: str = "per_tensor",
-            batch_axis_name: str | None = None) -> optax.GradientTransformation:
+            batch_axis_name: str | None = None,
+            num_groups: int | None = None) -> optax.GradientTransformation:
   base = optax.sgd(0.1, momentum=0.9)
   if method == "erm":
     return base
   return optax.chain(
-      amp_optax.amp(0.05, 1.0, inner_steps, norm, batch_axis_name=batch_axis_name, unroll=True),
+      amp_optax.amp(0.05, 1.0, inner_steps, norm, batch_axis_name=batch_axis_name, unroll=True,
+                    num_groups=num_groups),
       base)
 
 
-def step_body(tx, axis_name: str | None, params, state, x, y):
-  """One train step; with ``axis_name`` the gradient and loss are averaged over it."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-  if axis_name is not None:
-    loss, grads = jax.lax.pmean((loss, grads), axis_name)
-  updates, state = tx.update(grads, state, params,
-                             grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
+def step_body(tx, axis_name: str | None, params, state, x, y, groups: int | None = None):
+  """One train step; with ``axis_name`` the gradient and loss are averaged over it.
+
+  With ``groups`` (grouped AMP) the batch is split into that many groups, each with its own
+  gradients (``jax.vmap``); amp averages them, over the axis too, at the end.
+  """
+  if groups is None:
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    if axis_name is not None:
+      loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    grad_fn = jax.grad(lambda p, _: loss_fn(p, x, y))
+  else:
+    gx, gy = (a.reshape((groups, -1) + a.shape[1:]) for a in (x, y))
+    losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))(params, gx, gy)
+    loss = jnp.mean(losses)
+    if axis_name is not None:
+      loss = jax.lax.pmean(loss, axis_name)
+    grad_fn = lambda p, _: jax.vmap(jax.grad(loss_fn))(p, gx, gy)  # noqa: E731
+  updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
   return optax.apply_updates(params, updates), state, loss
 
 
@@ -179,11 +193,14 @@ class Variant:
   method: str  # "erm" or "amp"
   inner_steps: int = 0
   norm: str = "per_tensor"
+  groups: int | None = None  # grouped AMP: this many groups in the whole batch
 
 
 VARIANTS = (Variant("ERM", "erm"), Variant("AMP K=1 per_tensor", "amp", 1, "per_tensor"),
             Variant("AMP K=1 global", "amp", 1, "global"),
-            Variant("AMP K=2 global", "amp", 2, "global"))
+            Variant("AMP K=2 global", "amp", 2, "global"),
+            Variant("AMP K=1 global, a group per device", "amp", 1, "global", N_DEVICES),
+            Variant("AMP K=2 global, a group per device", "amp", 2, "global", N_DEVICES))
 
 
 def _devices_by_process(devices: Sequence[Any]) -> list[Any]:
@@ -199,8 +216,10 @@ def compiled_text(mode: str, variant: Variant, devices: Sequence[Any]) -> str:
   x = rng.normal(size=(BATCH, SIZES[0])).astype(np.float32)
   y = rng.integers(0, SIZES[-1], size=(BATCH,)).astype(np.int32)
   per_device = mode in ("shard_map", "pmap")
+  # Under shard_map/pmap each device holds its share of the groups.
+  groups = variant.groups and (variant.groups // n if per_device else variant.groups)
   tx = make_tx(variant.method, variant.inner_steps, variant.norm,
-               batch_axis_name="data" if per_device else None)
+               batch_axis_name="data" if per_device else None, num_groups=groups)
   abstract = lambda t, sh=None: jax.tree.map(  # noqa: E731
       lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sh), t)
 
@@ -211,7 +230,8 @@ def compiled_text(mode: str, variant: Variant, devices: Sequence[Any]) -> str:
     state = jax.device_get(tx.init(params))
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # newer jax may deprecate pmap.
-      step = jax.pmap(partial(step_body, tx, "data"), axis_name="data", devices=devices)
+      step = jax.pmap(partial(step_body, tx, "data", groups=groups), axis_name="data",
+                      devices=devices)
       lowered = step.lower(abstract(stack(params)), abstract(stack(state)),
                            abstract(x.reshape(n, -1, x.shape[1])), abstract(y.reshape(n, -1)))
     return lowered.compile().as_text()
@@ -233,10 +253,11 @@ def compiled_text(mode: str, variant: Variant, devices: Sequence[Any]) -> str:
   if mode == "shard_map":
     # check_vma=False: per-device gradients of replicated params, averaged by the step.
     step = jax.jit(jax.shard_map(
-        partial(step_body, tx, "data"), mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+        partial(step_body, tx, "data", groups=groups), mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data")),
         out_specs=(P(), P(), P()), check_vma=False))
   else:
-    step = jax.jit(partial(step_body, tx, None))
+    step = jax.jit(partial(step_body, tx, None, groups=groups))
   return step.lower(a_params, a_state, a_x, a_y).compile().as_text()
 
 

@@ -53,3 +53,20 @@ def test_smoke_amp_adds_one_gradient_all_reduce_per_inner_step():
     assert amp["all-reduce"]["ops"] == erm["all-reduce"]["ops"] + 1, mode
     assert amp["all-reduce"]["tensors"] == erm["all-reduce"]["tensors"] + n_leaves, mode
     assert amp["all-reduce"]["bytes"] - erm["all-reduce"]["bytes"] == collectives.param_bytes()
+
+
+@pytest.mark.skipif(jax.device_count() < collectives.N_DEVICES,
+                    reason="needs 4 (fake) devices: see tests/conftest.py")
+def test_grouped_ascent_with_a_group_per_device_costs_erms_all_reduce():
+  """Local ascent: only the final mean crosses devices, as ERM's gradient does."""
+  erm, grouped = collectives.VARIANTS[0], collectives.VARIANTS[4]
+  assert grouped.groups == collectives.N_DEVICES
+  rows = collectives.measure(jax.devices()[:collectives.N_DEVICES], modes=("jit", "shard_map"),
+                             variants=(erm, grouped))
+  by = {(r["mode"], r["method"]): r for r in rows}
+  for mode in ("jit", "shard_map"):
+    e, a = by[mode, "erm"], by[mode, "amp"]
+    assert a["all_reduce_ops"] == e["all_reduce_ops"], mode
+    # The same gradient bytes; under jit two diagnostic scalars (the groups' mean norms) ride
+    # along in the same op.
+    assert 0 <= a["all_reduce_bytes"] - e["all_reduce_bytes"] <= 8, mode
