@@ -29,7 +29,7 @@ _FLAX_TRAIN_STATE_HELP = (
     "drop-in subclass whose apply_gradients forwards it:\n"
     "    from amp_optax.flax_linen import TrainState\n"
     "    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)\n"
-    "    state = state.apply_gradients(grads=grads, grad_fn=grad_fn)"
+    "    state = state.apply_gradients(grads=grads, grad_fn=amp_grad_fn)"
 )
 
 _MULTISTEPS_HELP = (
@@ -113,7 +113,10 @@ def missing_grad_fn_error() -> ValueError:
       "amp(): update() needs `grad_fn`, the gradient of the loss at other parameters.\n"
       + GRAD_FN_HELP + "\nWith Flax Linen's TrainState use amp_optax.flax_linen.TrainState,"
       " whose apply_gradients forwards grad_fn; with nnx.Optimizer pass it to"
-      " optimizer.update(model, grads, grad_fn=grad_fn).")
+      " optimizer.update(model, grads, grad_fn=amp_grad_fn). A step written for"
+      " optax.contrib.sam that passes grad_fn only `if isinstance(state, SAMState)`, or uses"
+      " SAM's default mode, must always pass it (plain Optax optimisers accept and ignore it);"
+      " for a step that cannot pass one, use amp_optax.drop_in_amp(base, epsilon).")
 
 
 def check_no_masked_nodes(params: Any) -> None:
@@ -146,7 +149,10 @@ def note_grad_fn_failure(error: BaseException) -> None:
   if hasattr(error, "add_note"):
     error.add_note(
         "(raised inside the grad_fn that amp_optax.amp called as grad_fn(perturbed_params, "
-        "inner_step), inner_step an int step index.)\n" + GRAD_FN_HELP)
+        "inner_step), inner_step an int step index.)\n" + GRAD_FN_HELP + "\nIf the function "
+        "you passed is your step's own gradient function (Flax's examples name "
+        "jax.value_and_grad(...) or nnx.value_and_grad(...) `grad_fn`), pass the AMP builder's "
+        "result instead, under a name that cannot collide: grad_fn=amp_grad_fn.")
 
 
 def check_leaves_match(what: str, leaves: list[Any], params: Any, fix: str) -> None:
