@@ -51,7 +51,7 @@ needs_sphinx = pytest.mark.skipif(
     bool(MISSING), reason=f"the docs extra is not installed (missing {', '.join(MISSING)}): "
     'pip install -e ".[docs]"')
 
-GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "equinox", "drop_in",
+GUIDES = ("algorithm", "hyperparameters", "flax_nnx", "flax_linen", "equinox", "drop_in", "grouped",
           "schedules", "mixed_precision", "accumulation", "distributed", "amp_vs_sam",
           "diagnostics")
 # Pages with commands only (```bash / ```text), no Python to run.
