@@ -20,6 +20,9 @@ Case kinds:
 * ``jit``: 1-D ``("data",)`` mesh over all devices, batch split on it, params replicated.
 * ``shard_map``: the same mesh, the step under ``jax.shard_map`` with per-device gradients
   averaged by ``jax.lax.pmean`` and ``amp(batch_axis_name="data")``.
+* ``grouped``: as ``jit``, with grouped AMP (``num_groups=GROUPS``): each group of
+  ``GLOBAL_BATCH / GROUPS`` rows ascends with its own Delta; the groups are spread over the
+  devices of all processes.
 * ``fsdp``: 2-D ``("data", "model")`` mesh whose ``"model"`` axis spans processes, Explicit
   axes; ``w1`` is split on ``"model"`` by columns and ``w2`` by rows, so every norm and every
   matmul needs a cross-process reduction. Records the shardings seen inside the step.
@@ -45,7 +48,8 @@ N_IN, N_HIDDEN, N_OUT = 8, 16, 4
 EPSILON = 0.05  # small enough that the ball binds for both norms: the projection matters.
 INNER_LR = 1.0
 LR, MOMENTUM = 0.1, 0.9
-GOOD_KINDS = ("jit", "shard_map", "fsdp")
+GROUPS = 8  # grouped AMP: groups of 4 rows, spread over the devices of all processes
+GOOD_KINDS = ("jit", "shard_map", "fsdp", "grouped")
 WRONG_KINDS = ("dup_rows", "local_grads", "no_axis_name")
 
 
@@ -73,17 +77,29 @@ def loss_fn(params, x, y, hidden_sharding=None, out_sharding=None):
   return jnp.mean((out - y) ** 2)
 
 
-def make_tx(inner_steps: int, norm: str, batch_axis_name: str | None = None):
+def make_tx(inner_steps: int, norm: str, batch_axis_name: str | None = None,
+            num_groups: int | None = None):
   import optax
 
   import amp_optax
 
   return optax.chain(
-      amp_optax.amp(EPSILON, INNER_LR, inner_steps, norm, batch_axis_name=batch_axis_name),
+      amp_optax.amp(EPSILON, INNER_LR, inner_steps, norm, batch_axis_name=batch_axis_name,
+                    num_groups=num_groups),
       optax.sgd(LR, momentum=MOMENTUM))
 
 
-def train_single_process(inner_steps: int, norm: str):
+def grouped_grads(loss, params, x, y, groups: int):
+  """Per-group clean gradients and the grouped grad_fn (groups of consecutive rows)."""
+  import jax
+
+  gx, gy = (a.reshape((groups, -1) + a.shape[1:]) for a in (x, y))
+  per_group = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))
+  stacked = jax.vmap(jax.grad(loss), in_axes=(0, 0, 0))
+  return per_group(params, gx, gy), lambda p, _: stacked(p, gx, gy)
+
+
+def train_single_process(inner_steps: int, norm: str, groups: int | None = None):
   """The reference: one device, the whole global batch, plain ``jax.jit``.
 
   Returns:
@@ -92,15 +108,18 @@ def train_single_process(inner_steps: int, norm: str):
   import jax
   import optax
 
-  tx = make_tx(inner_steps, norm)
+  tx = make_tx(inner_steps, norm, num_groups=groups)
   device = jax.local_devices()[0]
   params = jax.device_put(init_params(), device)
   state = tx.init(params)
 
   def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params,
-                               grad_fn=jax.grad(lambda p, _: loss_fn(p, x, y)))
+    if groups:
+      grads, grad_fn = grouped_grads(loss_fn, params, x, y, groups)
+    else:
+      grads = jax.grad(loss_fn)(params, x, y)
+      grad_fn = jax.grad(lambda p, _: loss_fn(p, x, y))
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), state
 
   # Optimisation level 0, as in the children (see the test's child_env): ~2.5x faster to
@@ -220,7 +239,8 @@ def run_case(case: dict) -> dict:
   # "local_grads"/"no_axis_name" leave the averaging out on purpose (batch_axis_name=(), the
   # explicit opt-out; None raises under a mapped axis) to show that the tolerance catches it.
   axis_name = {"shard_map": "data", "local_grads": (), "no_axis_name": ()}.get(kind)
-  tx = make_tx(case["inner_steps"], case["norm"], batch_axis_name=axis_name)
+  groups = GROUPS if kind == "grouped" else None
+  tx = make_tx(case["inner_steps"], case["norm"], batch_axis_name=axis_name, num_groups=groups)
 
   with jax.set_mesh(mesh):
     params = jax.device_put(init_params(), shardings)
@@ -244,6 +264,10 @@ def run_case(case: dict) -> dict:
         return jax.grad(loss)(p, x, y)
 
     def step_body(params, state, x, y):
+      if groups:
+        grads, grouped_fn = grouped_grads(loss, params, x, y, groups)
+        updates, state = tx.update(grads, state, params, grad_fn=grouped_fn)
+        return optax.apply_updates(params, updates), state, updates
       grads = jax.grad(loss)(params, x, y)
       if kind in ("shard_map", "no_axis_name"):
         grads = jax.lax.pmean(grads, "data")

@@ -120,10 +120,10 @@ def launch(num_processes: int, cases: list[dict], tmp_path, timeout: float = TIM
 _REFERENCE: dict = {}
 
 
-def reference(inner_steps: int, norm: str):
-  key = (inner_steps, norm)
+def reference(inner_steps: int, norm: str, groups: int | None = None):
+  key = (inner_steps, norm, groups)
   if key not in _REFERENCE:
-    _REFERENCE[key] = worker.train_single_process(inner_steps, norm)
+    _REFERENCE[key] = worker.train_single_process(inner_steps, norm, groups)
   return _REFERENCE[key]
 
 
@@ -143,7 +143,8 @@ def assert_same_across_processes(results: list[dict]) -> None:
 def assert_matches_reference(results: list[dict]) -> None:
   assert_same_across_processes(results)
   for case in results[0]["cases"]:
-    want, want_delta_norm = reference(case["inner_steps"], case["norm"])
+    groups = worker.GROUPS if case["kind"] == "grouped" else None
+    want, want_delta_norm = reference(case["inner_steps"], case["norm"], groups)
     for k in want:
       np.testing.assert_allclose(case["params"][k], want[k], rtol=RTOL, atol=ATOL,
                                  err_msg=f"{k} of {case['kind']} K={case['inner_steps']} "
@@ -226,3 +227,14 @@ def test_hung_process_times_out_with_outputs(tmp_path):
   with pytest.raises(MultiProcessError, match="(?s)timed out.*process 0.*process 1"):
     launch(2, [{"kind": "hang", "inner_steps": 1, "norm": "global"}], tmp_path, timeout=6)
   assert time.monotonic() - start < 30
+
+
+def test_grouped_ascent_across_processes_matches_single_process(tmp_path):
+  """Fixed groups spread over 2 processes x 2 devices: the single-device grouped run."""
+  cases = [{"kind": "grouped", "inner_steps": k, "norm": norm}
+           for k, norm in ((1, "per_tensor"), (2, "global"))]
+  results = launch(2, cases, tmp_path)
+  assert_matches_reference(results)
+  ungrouped, _ = reference(2, "global")
+  grouped = results[0]["cases"][1]["params"]
+  assert max_abs_diff(grouped, ungrouped) > 100 * ATOL  # the groups do change the run
