@@ -8,7 +8,8 @@ buffer assignment, not a run, gives the figures.
 
 Models: ``preactresnet18`` and ``small`` (the CIFAR models, batch statistics included) and
 ``mlp`` (four 1024x1024 layers at batch 8, where the parameters dominate memory as in large
-models).
+models), with grouped AMP rows (``num_groups=4``: four stacked per-group gradients on one
+device).
 
 Run from the repository root::
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import amp_optax
 from benchmarks import step_time
 from examples.cifar import models as cifar_models
 
@@ -46,7 +48,13 @@ def mlp_params(width: int = 1024, depth: int = 4) -> Any:
           for k in keys]
 
 
-def mlp_step(tx: optax.GradientTransformation) -> Any:
+# Grouped AMP (num_groups=G) rows, MLP only: the per-group gradients are G stacked copies.
+GROUPED_ROWS = (("AMP K=1 per_tensor, 4 groups", 1, "per_tensor", 4),
+                ("AMP K=1 global, 4 groups", 1, "global", 4),
+                ("AMP K=2 global, 4 groups", 2, "global", 4))
+
+
+def mlp_step(tx: optax.GradientTransformation, groups: int | None = None) -> Any:
   def loss_fn(params, x):
     h = x
     for layer in params:
@@ -55,12 +63,29 @@ def mlp_step(tx: optax.GradientTransformation) -> Any:
 
   def step(state, x):
     params, opt_state = state
-    grads = jax.grad(loss_fn)(params, x)
-    updates, opt_state = tx.update(grads, opt_state, params,
-                                   grad_fn=lambda p, _: jax.grad(loss_fn)(p, x))
+    if groups is None:
+      grads = jax.grad(loss_fn)(params, x)
+      grad_fn = lambda p, _: jax.grad(loss_fn)(p, x)  # noqa: E731
+    else:
+      gx = x.reshape((groups, -1) + x.shape[1:])
+      grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, gx)
+      grad_fn = lambda p, _: jax.vmap(jax.grad(loss_fn))(p, gx)  # noqa: E731
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), opt_state
 
   return step
+
+
+def grouped_memory(name: str, k: int, norm: str, groups: int,
+                   args: argparse.Namespace) -> Any:
+  tx = optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, k, norm, num_groups=groups),
+                   optax.chain(optax.add_decayed_weights(args.weight_decay),
+                               optax.sgd(args.lr, momentum=0.9, nesterov=True)))
+  params = mlp_params()
+  x = jnp.ones((args.batch_size, params[0]["w"].shape[0]))
+  lowered = jax.jit(mlp_step(tx, groups), donate_argnums=0).lower((params, tx.init(params)), x)
+  del name
+  return step_time.memory_stats(lowered.compile())
 
 
 def compiled_memory(variant: step_time.Variant, args: argparse.Namespace) -> tuple[Any, int]:
@@ -86,6 +111,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   param_bytes = 0
   for v in ROWS:
     stats[v.name], param_bytes = compiled_memory(v, args)
+  if args.model == "mlp":
+    for name, k, norm, groups in GROUPED_ROWS:
+      stats[name] = grouped_memory(name, k, norm, groups, args)
   if stats["ERM"] is None:
     raise SystemExit("memory_analysis() is not available on this backend.")
   erm = stats["ERM"]["temp_size_in_bytes"]
