@@ -26,7 +26,25 @@ Flax's :class:`flax.training.train_state.TrainState` calls
   cannot be returned from one jit into another, the data can;
 * :func:`amp_step`: a whole training step (clean pass, AMP ascent, update,
   new ``batch_stats``, and the loss scale of a ``state.dynamic_scale``) with a
-  choice of BatchNorm policy.
+  choice of BatchNorm policy;
+* :func:`grouped_value_and_grad` and :func:`make_grouped_grad_fn`: grouped
+  ascent (``amp(..., num_groups=G)``, m-sharpness): per-group clean
+  gradients, new statistics and the per-group ``grad_fn``, from the loss and a
+  batch split by :func:`amp_optax.group_batch`.
+
+Grouped ascent and BatchNorm. Each group's pass (clean and perturbed) is the
+loss on that group's ``m`` examples alone, under :func:`jax.vmap` over the
+groups: BatchNorm normalises with the group's own batch statistics ("ghost
+batch norm" with ``m`` examples), every group starting from the same incoming
+``batch_stats``. The running statistics kept after the step are the mean over
+groups of the clean passes' new statistics (for the usual exponential moving
+average, the update by the mean of the groups' batch means and variances),
+and the perturbed passes' are discarded (the ``"clean"`` policy). So with
+``epsilon=0`` grouped AMP is exactly an ERM step on the ghost-BN loss (the
+mean over groups of the group losses), with those statistics. RNG: group
+``j``'s passes get ``jax.random.fold_in(rng, j)`` (every leaf of ``rng``), so
+the groups draw independent dropout masks, as the examples of one ungrouped
+batch do; ``rng_policy`` then applies within each group.
 
 Loss functions. :func:`make_grad_fn` takes Flax's closure, ``loss_fn(params)``
 reading the state's statistics, the batch and the key from the enclosing step
@@ -86,6 +104,7 @@ import functools
 import inspect
 from typing import Any
 
+from amp_optax import _grouped
 from amp_optax import _policies
 
 try:
@@ -103,7 +122,7 @@ from amp_optax._policies import check_policies
 
 __all__ = (
     "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_gradients",
-    "dynamic_scale_after_amp", "make_grad_fn")
+    "dynamic_scale_after_amp", "grouped_value_and_grad", "make_grad_fn", "make_grouped_grad_fn")
 
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
@@ -789,3 +808,163 @@ def amp_step(
         opt_state=_policies.keep_where_finite(finite, new_state.opt_state, state.opt_state),
         dynamic_scale=dynamic_scale)
   return new_state, ((loss, aux) if has_aux else loss)
+
+
+def _num_groups(grouped_batch: Any, where: str) -> int:
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(grouped_batch)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        f"{where}: every leaf of `grouped_batch` must have the same leading group axis, as "
+        "amp_optax.group_batch(batch, num_groups) makes; got leading sizes "
+        f"{sorted(map(str, sizes))}.")
+  return int(sizes.pop())  # type: ignore[arg-type]
+
+
+def _group_rngs(rng: Any, groups: int) -> Any:
+  """Group ``j``'s key ``jax.random.fold_in(rng, j)``, stacked on a leading group axis."""
+  if rng is None:
+    return None
+  index = jnp.arange(groups)
+  return jax.tree.map(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(index), rng)
+
+
+def make_grouped_grad_fn(
+    loss_fn: LossFn,
+    batch_stats: Any,
+    grouped_batch: Any,
+    rng: Any = None,
+    *,
+    has_aux: bool = False,
+    rng_policy: str = "same",
+) -> GradFn:
+  """Builds AMP's per-group ``grad_fn`` for ``amp(..., num_groups=G)`` from a Linen loss.
+
+  ``grad_fn(stacked_params, inner_step)`` takes the parameters stacked per
+  group (group ``j``'s at ``theta + Delta_j``, as ``amp`` passes them) and
+  returns the gradients stacked the same way: :func:`jax.vmap` over the
+  groups of the loss on group ``j``'s batch, from the incoming
+  ``batch_stats``, with key ``jax.random.fold_in(rng, j)``; BatchNorm
+  normalises with the group's own statistics, which are then discarded. Use
+  :func:`grouped_value_and_grad` for the clean pass as well.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` as in
+      :func:`make_grad_fn` (not the closure form).
+    batch_stats: the statistics the clean passes started from, or ``None``.
+    grouped_batch: the batch with a leading group axis
+      (:func:`amp_optax.group_batch`).
+    rng: the step's PRNG key (or pytree of keys, or ``None``); group ``j``
+      uses ``jax.random.fold_in(rng, j)``.
+    has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
+    rng_policy: within each group, ``"same"`` gives every perturbed pass the
+      group's key, ``"fold_in"`` folds ``inner_step`` into it.
+
+  Returns:
+    ``grad_fn(stacked_params, inner_step) -> stacked grads``.
+  """
+  where = "flax_linen.make_grouped_grad_fn"
+  check_policies("clean", rng_policy)
+  groups = _num_groups(grouped_batch, where)
+  perturbed_pass = _perturbed_pass(_normalised(loss_fn, has_aux, where), None)
+
+  def one_group(params, batch, key, inner_step):
+    grads, _ = perturbed_pass(params, batch_stats, batch,
+                              _perturbed_rng(key, inner_step, rng_policy))
+    return grads
+
+  per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
+  keys = _group_rngs(rng, groups)
+
+  def grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
+    return per_group(stacked_params, grouped_batch, keys, inner_step)
+
+  return grad_fn
+
+
+def grouped_value_and_grad(
+    loss_fn: LossFn,
+    params: optax.Params,
+    batch_stats: Any,
+    grouped_batch: Any,
+    rng: Any = None,
+    *,
+    has_aux: bool = False,
+    rng_policy: str = "same",
+) -> tuple[Any, Any, optax.Updates, GradFn]:
+  """Grouped ascent with Linen: per-group clean passes, new statistics, and the ``grad_fn``.
+
+  The Linen counterpart of :func:`amp_optax.grouped_value_and_grad`, for
+  ``amp(..., num_groups=G)``: group ``j``'s clean pass is ``loss_fn`` on its
+  ``m`` examples (BatchNorm with the group's own statistics: ghost batch
+  norm), from ``batch_stats``, with key ``jax.random.fold_in(rng, j)``, all
+  under one :func:`jax.vmap`. The new running statistics are the mean over
+  groups of the clean passes' (see the module's "Grouped ascent and
+  BatchNorm"); with ``epsilon=0`` the step is ERM on the ghost-BN loss.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, amp_optax
+    >>> import flax.linen as nn
+    >>> from amp_optax import flax_linen
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+    ...     return nn.Dense(1)(x)
+    >>> model = Net()
+    >>> x, y = jnp.ones((8, 2)), jnp.zeros((8, 1))
+    >>> variables = model.init(jax.random.key(0), x, train=False)
+    >>> state = flax_linen.TrainState.create(
+    ...     apply_fn=model.apply, params=variables["params"],
+    ...     batch_stats=variables["batch_stats"],
+    ...     tx=optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1)))
+    >>> def loss_fn(params, batch_stats, batch, rng):
+    ...   out, updates = model.apply(
+    ...       {"params": params, "batch_stats": batch_stats}, batch[0], train=True,
+    ...       mutable=["batch_stats"], rngs={"dropout": rng})
+    ...   return jnp.mean((out - batch[1]) ** 2), updates
+    >>> @jax.jit
+    ... def train_step(state, batch, rng):
+    ...   losses, batch_stats, grads, amp_grad_fn = flax_linen.grouped_value_and_grad(
+    ...       loss_fn, state.params, state.batch_stats, amp_optax.group_batch(batch, 4), rng)
+    ...   state = state.apply_gradients(grads=grads, grad_fn=amp_grad_fn,
+    ...                                 batch_stats=batch_stats)
+    ...   return state, losses.mean()
+    >>> state, loss = train_step(state, (x, y), jax.random.key(1))
+    >>> int(state.step)
+    1
+
+  Args:
+    loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` as in
+      :func:`make_grad_fn`.
+    params: the parameters (``state.params``).
+    batch_stats: the statistics before the step (``state.batch_stats``), or
+      ``None``.
+    grouped_batch: the batch with a leading group axis
+      (:func:`amp_optax.group_batch`).
+    rng: the step's PRNG key (or pytree of keys, or ``None``).
+    has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
+    rng_policy: ``"same"`` or ``"fold_in"``, within each group, as in
+      :func:`make_grouped_grad_fn`.
+
+  Returns:
+    ``(out, new_batch_stats, grads, amp_grad_fn)``: ``out`` the per-group
+    loss (or ``(loss, aux)``), stacked on the group axis; ``new_batch_stats``
+    the mean over groups of the clean passes' statistics (structured like
+    ``batch_stats``); ``grads`` the per-group gradients (``updates`` for
+    ``amp``); ``amp_grad_fn`` from :func:`make_grouped_grad_fn`.
+  """
+  where = "flax_linen.grouped_value_and_grad"
+  check_policies("clean", rng_policy)
+  groups = _num_groups(grouped_batch, where)
+  value_and_grad = jax.value_and_grad(_normalised(loss_fn, has_aux, where), has_aux=True)
+
+  def clean(batch, key):
+    return value_and_grad(params, batch_stats, batch, key)
+
+  (loss, (stats, aux)), grads = jax.vmap(clean)(grouped_batch, _group_rngs(rng, groups))
+  stats_leaves, stats_def = jax.tree.flatten(stats)
+  new_stats = jax.tree.unflatten(stats_def, _grouped.mean_leaves(stats_leaves, groups))
+  amp_grad_fn = make_grouped_grad_fn(loss_fn, batch_stats, grouped_batch, rng, has_aux=has_aux,
+                                     rng_policy=rng_policy)
+  return ((loss, aux) if has_aux else loss), new_stats, grads, amp_grad_fn

@@ -2,6 +2,7 @@
 
     python -m examples.flax_mnist_style.train_linen                   # AMP
     python -m examples.flax_mnist_style.train_linen --optimizer erm
+    python -m examples.flax_mnist_style.train_linen --optimizer drop-in  # the step unchanged
     python examples/flax_mnist_style/train_linen.py --epsilon 0.05 --inner-steps 2
 
 The shape of Flax's Linen MNIST example: ``apply_model`` (jitted) computes
@@ -10,7 +11,12 @@ Dropout added as users do (a ``TrainState`` with ``batch_stats``). A
 ``grad_fn`` cannot cross from one jit to the other, so with AMP
 ``update_model`` takes the batch and the dropout key and
 ``flax_linen.apply_gradients`` builds it there (lines marked ``# AMP``).
-It writes no files.
+
+``--optimizer drop-in`` runs AMP with Flax's code as it is (Flax's own ``TrainState``, the ERM
+``update_model``, no ``grad_fn``): the only change is the optimiser line,
+``tx = amp_optax.drop_in_amp(tx, epsilon=...)`` (``# DROP-IN``), and evaluation reads
+``amp_optax.unperturbed_params`` (between calls the state holds perturbed parameters). One AMP
+step then takes ``inner_steps + 1`` calls of the step (see the drop-in guide). It writes no files.
 """
 
 import argparse
@@ -23,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make `examples` and `amp_optax` 
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flax import linen as nn  # noqa: E402
+from flax.training import train_state  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +57,10 @@ class CNN(nn.Module):
     return nn.Dense(features=10)(x)
 
 
+class FlaxTrainState(train_state.TrainState):  # Flax's own: ERM and drop-in
+  batch_stats: Any
+
+
 class TrainState(flax_linen.TrainState):  # AMP: was flax.training.train_state.TrainState
   batch_stats: Any
 
@@ -73,7 +84,7 @@ def apply_model(state, batch, rng):
 
 @jax.jit
 def update_model(state, grads, updates):
-  """Flax's update, ERM."""
+  """Flax's update: ERM, and drop-in AMP (unchanged)."""
   return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
 
 
@@ -84,9 +95,16 @@ def amp_update_model(state, grads, updates, batch, rng):  # AMP: also the batch 
       batch_stats=updates["batch_stats"])
 
 
+def eval_params(state):
+  """The parameters to evaluate: with drop-in AMP, the unperturbed ones."""
+  if isinstance(state.opt_state, amp_optax.DropInAmpState):  # DROP-IN
+    return amp_optax.unperturbed_params(state.params, state.opt_state)
+  return state.params
+
+
 @jax.jit
 def eval_model(state, batch):
-  logits = CNN().apply({"params": state.params, "batch_stats": state.batch_stats},
+  logits = CNN().apply({"params": eval_params(state), "batch_stats": state.batch_stats},
                        batch["image"], train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -94,7 +112,7 @@ def eval_model(state, batch):
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--optimizer", choices=("erm", "amp"), default="amp")
+  parser.add_argument("--optimizer", choices=("erm", "amp", "drop-in"), default="amp")
   parser.add_argument("--epsilon", type=float, default=0.05,
                       help="AMP's ball radius (per tensor)")
   parser.add_argument("--inner-lr", type=float, default=1.0)
@@ -112,11 +130,15 @@ def parse_args(argv=None):
 def create_train_state(rng, args) -> TrainState:
   variables = CNN().init(rng, jnp.ones([1, 8, 8, 1]), train=False)
   tx = optax.sgd(args.learning_rate, args.momentum)
+  if args.optimizer == "drop-in":  # DROP-IN: the one line; the step stays Flax's own.
+    tx = amp_optax.drop_in_amp(tx, epsilon=args.epsilon, inner_lr=args.inner_lr,
+                               inner_steps=args.inner_steps)
   if args.optimizer == "amp":  # AMP: first in the chain
     tx = optax.chain(amp_optax.amp(args.epsilon, inner_lr=args.inner_lr,
                                    inner_steps=args.inner_steps), tx)
-  return TrainState.create(apply_fn=CNN().apply, params=variables["params"],
-                           batch_stats=variables["batch_stats"], tx=tx)
+  state_class = TrainState if args.optimizer == "amp" else FlaxTrainState
+  return state_class.create(apply_fn=CNN().apply, params=variables["params"],
+                            batch_stats=variables["batch_stats"], tx=tx)
 
 
 def main(argv=None) -> list[dict[str, float]]:
@@ -136,7 +158,7 @@ def main(argv=None) -> list[dict[str, float]]:
       grads, updates, loss, accuracy = apply_model(state, batch, dropout_rng)
       if args.optimizer == "amp":
         state = amp_update_model(state, grads, updates, batch, dropout_rng)  # AMP
-      else:
+      else:  # ERM, and drop-in AMP: Flax's step as it is
         state = update_model(state, grads, updates)
       losses.append(loss)
       accuracies.append(accuracy)
