@@ -88,7 +88,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ("amp_step", "make_grad_fn", "value_and_grad")
+__all__ = ("amp_step", "grouped_value_and_grad", "make_grad_fn", "value_and_grad")
 
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
@@ -288,6 +288,82 @@ def value_and_grad(
     # Built first: it keeps the arguments before anything can consume or rebind them.
     amp_grad_fn = make_grad_fn(model, loss_fn, *args, has_aux=has_aux)
     out, grads = eqx.filter_value_and_grad(checked_loss, has_aux=has_aux)(model, *args)
+    return out, grads, amp_grad_fn
+
+  return value_grads_and_grad_fn
+
+
+def grouped_value_and_grad(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, Any, GradFn]]:
+  """Per-group losses and gradients of a model, and the ``grad_fn`` for grouped AMP.
+
+  For ``amp(..., num_groups=G)`` (one Delta per group of examples):
+  ``grouped_value_and_grad(loss_fn)(model, *grouped_args)`` vmaps
+  ``loss_fn(model, *args)`` over the leading group axis of every argument
+  (split a batch with :func:`amp_optax.group_batch`) and returns ``(out,
+  grads, amp_grad_fn)``: the per-group loss (or ``(loss, aux)``) and
+  gradients w.r.t. the model's floating arrays (``None`` elsewhere, as
+  ``eqx.filter_grad`` gives), stacked on the group axis, and the
+  ``grad_fn`` that evaluates each group's gradient at its own perturbed
+  parameters. Pass ``eqx.filter(model, eqx.is_inexact_array)`` as the
+  params of ``tx.update``.
+
+  Stateless models only: an ``eqx.nn.State`` among the arguments raises (its
+  batch statistics would need a per-group policy, which this helper does not
+  choose for you).
+
+  Examples:
+    >>> import equinox as eqx, jax, jax.numpy as jnp, optax, amp_optax
+    >>> from amp_optax import equinox as amp_eqx
+    >>> model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((jax.vmap(model)(x)[:, 0] - y) ** 2)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8,))
+    >>> tx = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> params = eqx.filter(model, eqx.is_inexact_array)
+    >>> losses, grads, amp_grad_fn = amp_eqx.grouped_value_and_grad(loss_fn)(
+    ...     model, *amp_optax.group_batch((x, y), 4))
+    >>> updates, opt_state = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
+    >>> losses.shape, updates.weight.shape
+    ((4,), (1, 3))
+
+  Args:
+    loss_fn: ``loss_fn(model, *args)`` returning one group's mean loss, or
+      ``(loss, aux)`` if ``has_aux``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    A function of ``(model, *grouped_args)`` returning ``(out, grads,
+    amp_grad_fn)``.
+  """
+
+  def value_grads_and_grad_fn(model: Any, *grouped_args: Any) -> tuple[Any, Any, GradFn]:
+    if any(isinstance(x, eqx.nn.State) for x in jax.tree.leaves(
+        grouped_args, is_leaf=lambda x: isinstance(x, eqx.nn.State))):
+      raise TypeError(
+          "amp_optax.equinox.grouped_value_and_grad(): an eqx.nn.State is among the arguments; "
+          "grouped ascent here supports stateless models only. Use amp(..., num_groups=None) "
+          "with amp_eqx.value_and_grad for a stateful model.")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_of_params(p, *args):
+      out = loss_fn(eqx.combine(p, static), *args)
+      _check_loss_output(out, has_aux, "amp_optax.equinox.grouped_value_and_grad")
+      return out
+
+    axes = (0,) * len(grouped_args)
+    value_and_grad = jax.value_and_grad(loss_of_params, has_aux=has_aux)
+    out, grads = jax.vmap(value_and_grad, in_axes=(None, *axes))(params, *grouped_args)
+    per_group = jax.vmap(jax.grad(loss_of_params, has_aux=has_aux), in_axes=(0, *axes))
+
+    def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
+      del inner_step
+      grads = per_group(stacked_params, *grouped_args)
+      return grads[0] if has_aux else grads
+
     return out, grads, amp_grad_fn
 
   return value_grads_and_grad_fn

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["amp_optax._amp", "amp_optax.flax_linen",
+@pytest.mark.parametrize("module", ["amp_optax._amp", "amp_optax._grouped", "amp_optax.flax_linen",
                                     "amp_optax.flax_nnx", "amp_optax.diagnostics"])
 def test_docstring_examples(module):
   mod = importlib.import_module(module)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import amp_optax
 from amp_optax import flax_linen
@@ -297,3 +298,48 @@ def test_nnx_learns_and_traces_once():
   losses = [float(step(model, optimizer, batch)) for _ in range(40)]
   assert len(traces) == 1
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_equinox_grouped_value_and_grad_matches_the_pure_helper():
+  eqx = pytest.importorskip("equinox")
+  from amp_optax import equinox as amp_eqx
+
+  class Net(eqx.Module):
+    hidden: eqx.nn.Linear
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+      k1, k2 = jax.random.split(key)
+      self.hidden = eqx.nn.Linear(5, 8, key=k1)
+      self.out = eqx.nn.Linear(8, 2, key=k2)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  def loss_fn(model, x, y):
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+  model = Net(jax.random.key(0))
+  kx, ky = jax.random.split(jax.random.key(1))
+  x, y = jax.random.normal(kx, (16, 5)), jax.random.normal(ky, (16, 2))
+  tx = amp_optax.amp(0.1, inner_steps=2, num_groups=4)
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+
+  @eqx.filter_jit
+  def step(model):
+    _, grads, amp_grad_fn = amp_eqx.grouped_value_and_grad(loss_fn)(
+        model, *amp_optax.group_batch((x, y), 4))
+    p = eqx.filter(model, eqx.is_inexact_array)
+    return tx.update(grads, tx.init(p), p, grad_fn=amp_grad_fn)[0]
+
+  got = step(model)
+  pure = lambda p, b: loss_fn(eqx.combine(p, static), b["x"], b["y"])  # noqa: E731
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
+      pure, params, amp_optax.group_batch({"x": x, "y": y}, 4))
+  want, _ = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, axis_name="batch")
+  with pytest.raises(TypeError, match="stateless models only"):
+    amp_eqx.grouped_value_and_grad(lambda m, s, x: 0.0)(model, state, x)
