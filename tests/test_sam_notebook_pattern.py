@@ -344,3 +344,37 @@ def test_adam_adversary_mapping_follows_sam_across_sync_periods():
   assert basin(train(sam(outer(), adam_adversary(rho), 4))[0]) == "sharp"
   assert basin(train(mapped_amp(outer(), 3 * rho, 3))[0]) == "sharp"
   assert basin(train(mapped_amp(outer(), 3 * rho * np.sqrt(2), 3))[0]) == "flat"
+
+
+# ------------------------------------------------------------------ both sections, epsilon = 0
+
+
+@pytest.mark.parametrize("outer", ["sgd", "momentum", "adam"])
+def test_epsilon_zero_in_both_notebook_sections_is_the_plain_optimiser(outer):
+  make = {"sgd": lambda: optax.sgd(0.01), "momentum": lambda: optax.sgd(0.01, momentum=0.9),
+          "adam": lambda: optax.adam(1e-3)}[outer]
+  plain, _ = train(make(), steps=200)
+  # Opaque-mode section: the step that always passes grad_fn, the optimiser line changed.
+  opaque, _ = train(mapped_amp(make(), 0.0, 1), steps=200)
+  # The same arithmetic, but another compiled program: with adam, 1 ulp of rounding in the
+  # gradient pass can survive 200 steps (measured 3.7e-9); sgd and momentum are bitwise here.
+  np.testing.assert_allclose(opaque, plain, rtol=0, atol=1e-6)
+  if outer != "adam":
+    np.testing.assert_array_equal(opaque, plain)
+  # Default-mode section: the step without grad_fn, unchanged; drop_in_amp takes 2 calls a
+  # step (an ascent call, here Delta = 0, and a descent call).
+  default, state = train(amp_optax.drop_in_amp(make(), 0.0), steps=400,
+                         make_step=step_without_grad_fn)
+  assert int(state.count) == 200
+  np.testing.assert_allclose(default, plain, rtol=0, atol=1e-6)  # theta + (u - 0): rounding
+
+
+def test_default_mode_section_switches_with_the_optimiser_line_only():
+  """SAM's default mode and drop_in_amp in the same unchanged step both leave the sharp minimum."""
+  sam_default = contrib.sam(optax.sgd(0.01), sgd_adversary(0.1), sync_period=2)
+  sam_end, _ = train(sam_default, steps=2 * STEPS, make_step=step_without_grad_fn)
+  amp_end, state = train(amp_optax.drop_in_amp(optax.sgd(0.01), 0.1, inner_lr=BIG,
+                                               norm="global"),
+                         steps=2 * STEPS, make_step=step_without_grad_fn)
+  assert basin(sam_end) == "flat", sam_end
+  assert basin(amp_optax.unperturbed_params(amp_end, state)) == "flat", amp_end
