@@ -79,17 +79,33 @@ def first_step_factors(ball: Ball, inner_lr: Any, grads: Leaves) -> tuple[list[A
     of Delta_1 (float32).
   """
   grad_norms = [_projection.l2_norm(g) for g in grads]
-  if ball.norm == "per_tensor":
-    radii = ball.radius if isinstance(ball.radius, list) else [ball.radius] * len(grads)
-    step_norms = [inner_lr * n for n in grad_norms]
-    scales = [_projection.ball_scale(n, r) for n, r in zip(step_norms, radii)]
-    squares = [jnp.square(n * c) for n, c in zip(step_norms, scales)]
-    delta_norm = jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
-  else:
-    step_norm = inner_lr * _projection.global_l2_norm(grads)
-    scales = [_projection.ball_scale(step_norm, ball.radius)] * len(grads)
-    delta_norm = step_norm * scales[0] if grads else jnp.zeros((), jnp.float32)
-  return [inner_lr * c for c in scales], jnp.asarray(delta_norm).astype(jnp.float32)
+  if ball.norm == "per_tensor" and grads:
+    # The factors from one vector of all the leaves' norms, so that each depends on every
+    # gradient: XLA then forms theta + Delta_1 once the clean backward pass is over, just
+    # before the perturbed pass, as with the global ball and SAM. With a scalar chain per
+    # leaf it formed each leaf's theta + Delta_1 as soon as that leaf's gradient was out,
+    # in the middle of the clean backward pass: the same live bytes, but staggered buffers
+    # that fragment XLA:CPU's heap (+0.3 parameter copies of temporary memory on
+    # PreActResNet-18, benchmarks/step_memory.py). The arithmetic must be done on the vector
+    # before the slices: XLA folds a slice of the stack itself back into the leaf's own norm.
+    # It is elementwise, so each factor rounds as it did when computed alone.
+    norms = jnp.stack(grad_norms)
+    radius = ball.radius
+    if isinstance(radius, list):
+      radius = jnp.stack([jnp.asarray(r, norms.dtype) for r in radius])
+    step_norms = inner_lr * norms
+    scales = _projection.ball_scale(step_norms, radius)
+    factors = inner_lr * scales
+    delta_norm = jnp.sqrt(jnp.sum(jnp.square(step_norms * scales)))
+    # Each factor in its own leaf's accumulation dtype (float32 and float64 leaves stack as
+    # float64).
+    return ([factors[i].astype(n.dtype) for i, n in enumerate(grad_norms)],
+            delta_norm.astype(jnp.float32))
+  if ball.norm == "per_tensor" or not grads:  # no leaves to perturb
+    return [], jnp.zeros((), jnp.float32)
+  step_norm = inner_lr * _projection.global_l2_norm(grads)
+  scale = _projection.ball_scale(step_norm, ball.radius)
+  return [inner_lr * scale] * len(grads), jnp.asarray(step_norm * scale).astype(jnp.float32)
 
 
 def perturb(param_leaves: Leaves, delta: Leaves, chosen: list[int],
