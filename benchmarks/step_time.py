@@ -48,6 +48,7 @@ import amp_optax
 from examples.cifar import models as cifar_models
 
 MODELS = {"small": "tiny_cnn", "preactresnet18": "preactresnet18"}
+LATE_FRACTION = 0.25  # the late phase: AMP on the last quarter of the steps
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -69,12 +70,29 @@ class Variant:
   # Decide the ascent steps in Python (two compiled steps, update(..., ascend=bool)) instead of
   # amp's lax.cond, which XLA:CPU runs as slowly as a loop.
   python_driven: bool = False
+  # amp_optax.drop_in_amp(ascent=...) in the plain step: "gradient" or "momentum".
+  drop_in: str | None = None
+  # ERM, then AMP for the last quarter of training: timed as 3 ERM-like steps + 1 AMP step.
+  late: bool = False
 
   @property
   def grad_evals(self) -> float:
-    """Forward-backward passes per step (on average over ``ascent_every`` steps)."""
+    """Forward-backward passes per (descent) step, on average over training."""
+    if self.drop_in == "momentum":
+      return 1
+    if self.drop_in == "gradient":
+      return 1 + self.inner_steps
+    if self.late:
+      return 1 + self.inner_steps * LATE_FRACTION
     every = self.ascent_every or 1
     return {"erm": 1, "amp": 1 + self.inner_steps / every, "sam": 2}[self.method]
+
+  @property
+  def period(self) -> int | None:
+    """Steps decided in Python: one ascent step every ``period`` steps (the last of them)."""
+    if self.late:
+      return round(1 / LATE_FRACTION)
+    return self.ascent_every if self.python_driven else None
 
 
 def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
@@ -93,6 +111,14 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
   out += [Variant(f"AMP K=1 per_tensor every {every} {between} py", "jax", "amp", 1,
                   "per_tensor", ascent_every=every, between_ascents=between, python_driven=True)
           for every in (2, 4) for between in ("clean", "reuse")]
+  # AMP at ERM's cost (issue 16).
+  out += [Variant("AMP K=1 per_tensor drop-in momentum", "jax", "amp", 1, "per_tensor",
+                  drop_in="momentum"),
+          Variant("AMP K=1 per_tensor drop-in gradient", "jax", "amp", 1, "per_tensor",
+                  drop_in="gradient"),
+          Variant("AMP K=1 per_tensor late 25%", "jax", "amp", 1, "per_tensor", late=True),
+          Variant("AMP K=1 per_tensor every 8 reuse py", "jax", "amp", 1, "per_tensor",
+                  ascent_every=8, between_ascents="reuse", python_driven=True)]
   if with_torch:
     out.append(Variant("ERM", "torch", "erm"))
     out += [Variant(f"AMP K={k} per_tensor", "torch", "amp", k, "per_tensor")
@@ -106,6 +132,9 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
                      optax.sgd(hp.lr, momentum=0.9, nesterov=True))
   if variant.method == "erm":
     return base
+  if variant.drop_in:
+    return amp_optax.drop_in_amp(base, hp.epsilon, hp.inner_lr, variant.inner_steps,
+                                 variant.norm, ascent=variant.drop_in)
   if variant.method == "amp":
     return optax.chain(
         amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
@@ -116,12 +145,13 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation,
-                    ascend: bool | None = None) -> Callable[..., Any]:
+                    ascend: bool | None = None, plain: bool = False) -> Callable[..., Any]:
   """A train step ``(state, x, y) -> (state, loss)``; ``state = (params, batch_stats, opt)``.
 
   The clean pass updates the BatchNorm statistics; ``grad_fn`` (called by AMP and SAM at
   perturbed parameters) normalises with batch statistics too and discards their update.
-  ``ascend`` (AMP only) is passed on to ``tx.update`` when not None.
+  ``ascend`` (AMP only) is passed on to ``tx.update`` when not None. ``plain``: no
+  ``grad_fn`` (the unchanged step :func:`amp_optax.drop_in_amp` is made for).
   """
   extra = {} if ascend is None else {"ascend": ascend}
   def loss_fn(params, batch_stats, x, y):
@@ -135,7 +165,10 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, y)
     grad_fn = lambda p, _: jax.grad(lambda q: loss_fn(q, batch_stats, x, y)[0])(p)
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra)
+    if plain:
+      updates, opt_state = tx.update(grads, opt_state, params)
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
   return step
@@ -174,8 +207,10 @@ class JaxRunner:
     state = (params, variables["batch_stats"], tx.init(params))
     self.state = jax.tree.map(jnp.copy, state)  # donated below: never share buffers.
     self.x, self.y = x, y
-    self.every = variant.ascent_every if variant.python_driven else None
-    step = jax.jit(make_train_step(model, tx, True if self.every else None), donate_argnums=0)
+    self.every = variant.period
+    plain = variant.drop_in is not None
+    step = jax.jit(make_train_step(model, tx, True if self.every else None, plain),
+                   donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(self.state, x, y)
     t1 = time.perf_counter()
@@ -189,18 +224,27 @@ class JaxRunner:
     self.calls = 0
     # With ascent_every = k a timed call is one whole period of k steps (one ascent step and
     # k - 1 without), so that the per-step time is a mean over the period, not the median of
-    # two kinds of step.
-    self.steps_per_call = variant.ascent_every or 1
+    # two kinds of step. The drop-in gradient ascent's step is K + 1 calls.
+    self.steps_per_call = self.every or variant.ascent_every or 1
+    self.step_calls = variant.inner_steps + 1 if variant.drop_in == "gradient" else 1
+    self.kind_times: dict[str, list[float]] = {"ascent": [], "between": []}
     self.loss = float("nan")
 
   def __call__(self) -> None:
     for _ in range(self.steps_per_call):
-      compiled = self.compiled
-      if self.every and self.calls % self.every:
-        compiled = self.compiled_clean
-      self.calls += 1
-      self.state, loss = compiled(self.state, self.x, self.y)
-      jax.block_until_ready((self.state, loss))
+      t0 = time.perf_counter()
+      for _ in range(self.step_calls):
+        compiled = self.compiled
+        # The ascent on the last step of a period: the late phase's ERM steps come first.
+        ascent = not self.every or self.calls % self.every == (
+            self.every - 1 if self.variant.late else 0)
+        if not ascent:
+          compiled = self.compiled_clean
+        self.calls += 1
+        self.state, loss = compiled(self.state, self.x, self.y)
+        jax.block_until_ready((self.state, loss))
+      if self.every:
+        self.kind_times["ascent" if ascent else "between"].append(time.perf_counter() - t0)
     self.loss = loss
 
 
@@ -347,6 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       erm_ms[v.framework] = row["ms_median"]
     if v.framework == "jax":
       row["trace_lower_s"], row["compile_s"] = r.trace_lower_s, r.compile_s
+      if r.every:  # the two kinds of step decided in Python, each on its own
+        for kind, kt in r.kind_times.items():
+          row[f"ms_{kind}_step"] = 1e3 * float(np.median(kt)) if kt else float("nan")
     results.append(row)
   for row in results:
     row["ratio_vs_erm"] = row["ms_median"] / erm_ms[row["framework"]]
@@ -426,6 +473,15 @@ def format_report(out: dict[str, Any]) -> str:
         f"{r['ms_median']:>10.2f} "
         f"{r['ms_p10']:>8.2f}-{r['ms_p90']:<8.2f} {r['ratio_vs_erm']:>7.2f} "
         f"{r['ratio_vs_jax_erm']:>10.2f}")
+  kinds = [r for r in out["rows"] if "ms_ascent_step" in r]
+  if kinds:
+    lines += ["", "steps decided in Python, each kind on its own (median ms; x jax ERM)",
+              f"{'step':<34} {'ascent step':>16} {'step between':>16}"]
+    erm = next(r["ms_median"] for r in out["rows"]
+               if r["framework"] == "jax" and r["method"] == "erm")
+    for r in kinds:
+      a, b = r["ms_ascent_step"], r["ms_between_step"]
+      lines.append(f"{r['name']:<34} {a:>8.2f} ({a / erm:>4.2f}x) {b:>8.2f} ({b / erm:>4.2f}x)")
   lines += ["", "memory (compiled step: argument + output + temp - aliased), vs ERM, in units of "
             f"parameter bytes ({out['param_bytes']:,} B)"]
   lines.append(f"{'step':<34} {'footprint MiB':>14} {'temp MiB':>10} {'extra':>8} "

@@ -37,7 +37,8 @@ def _finite_positive(x) -> bool:
 
 def test_step_time_smoke(tmp_path):
   out_path = tmp_path / "step_time.json"
-  stdout = _run_module("benchmarks.step_time", "--smoke", "--out", str(out_path))
+  # 20 JAX rows, each compiled: minutes on a loaded 2-core machine.
+  stdout = _run_module("benchmarks.step_time", "--smoke", "--out", str(out_path), timeout=600)
   assert "ms/step" in stdout and "compile time" in stdout
   out = json.loads(out_path.read_text())
   names = [(r["framework"], r["name"]) for r in out["rows"]]
@@ -48,7 +49,12 @@ def test_step_time_smoke(tmp_path):
               *[("jax", f"AMP K=1 per_tensor every {k} {b}")
                 for k in (2, 4) for b in ("clean", "reuse")],
               *[("jax", f"AMP K=1 per_tensor every {k} {b} py")
-                for k in (2, 4) for b in ("clean", "reuse")]]
+                for k in (2, 4) for b in ("clean", "reuse")],
+              # AMP at ERM's cost (issue 16).
+              ("jax", "AMP K=1 per_tensor drop-in momentum"),
+              ("jax", "AMP K=1 per_tensor drop-in gradient"),
+              ("jax", "AMP K=1 per_tensor late 25%"),
+              ("jax", "AMP K=1 per_tensor every 8 reuse py")]
   assert names[:len(expected)] == expected
   if importlib.util.find_spec("torch") is not None:
     assert names[len(expected):] == [("torch", "ERM"), ("torch", "AMP K=1 per_tensor"),
@@ -58,8 +64,16 @@ def test_step_time_smoke(tmp_path):
       assert _finite_positive(r[k]), (r["name"], k, r[k])
     assert math.isfinite(r["final_loss"])
   assert out["rows"][0]["ratio_vs_erm"] == 1.0
-  assert [r["grad_evals"] for r in out["rows"][:16]] == [
-      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25, 1.5, 1.5, 1.25, 1.25]
+  assert [r["grad_evals"] for r in out["rows"][:20]] == [
+      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25, 1.5, 1.5, 1.25, 1.25, 1, 2, 1.25, 1.125]
+  # The steps decided in Python also time each kind of step on its own.
+  by_name = {r["name"]: r for r in out["rows"] if r["framework"] == "jax"}
+  for name in ("AMP K=1 per_tensor late 25%", "AMP K=1 per_tensor every 8 reuse py",
+               "AMP K=1 per_tensor every 2 clean py"):
+    assert _finite_positive(by_name[name]["ms_ascent_step"]), name
+    assert _finite_positive(by_name[name]["ms_between_step"]), name
+  assert "ms_ascent_step" not in by_name["AMP K=1 per_tensor drop-in momentum"]
+  assert "each kind on its own" in stdout
   assert _finite_positive(out["param_bytes"])
   assert [m["name"] for m in out["memory"]] == [n for _, n in expected]
   for m in out["memory"]:

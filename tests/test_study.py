@@ -138,6 +138,115 @@ def test_smoke_table_end_to_end_and_resume(tmp_path, capsys):
   assert again["groups"][0]["rows"][0]["runs"] == saved["groups"][0]["rows"][0]["runs"]
 
 
+def test_ratio_ci_is_fiellers_set():
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  y = 3.0 + rng.normal(size=5)
+  x = 0.6 * y + 0.3 * rng.normal(size=5)
+  lo, hi = stats.ratio_ci(x, y)
+  crit = scipy.stats.t.ppf(0.975, 4)
+
+  def t_stat(r):
+    d = x - r * y
+    return abs(d.mean()) / (d.std(ddof=1) / math.sqrt(5))
+
+  assert lo < x.mean() / y.mean() < hi
+  assert t_stat(lo) == pytest.approx(crit) and t_stat(hi) == pytest.approx(crit)
+  assert t_stat(0.5 * (lo + hi)) < crit
+  # A denominator not clearly away from 0: the ratio is not pinned down.
+  assert stats.ratio_ci(x, y - y.mean()) == (-math.inf, math.inf)
+
+
+def _micro_state(model):
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  return (jax.tree.map(jnp.array, variables["params"]),
+          jax.tree.map(jnp.array, variables["batch_stats"]))
+
+
+def _leaves_close(a, b):
+  return all(np.allclose(u, v, rtol=1e-5, atol=1e-7)
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_late_phase_is_erm_then_amp():
+  model = models.get_model("micro")
+  config = presets.Config("micro", False, 16, 0, 1, 16, lr=0.1)
+  amp = presets.Setting("amp", epsilon=0.05, radius="relative")
+  late = presets.Setting(**{**amp.as_dict(), "variant": "late"})
+  traces = {}
+  for s in (presets.Setting("erm"), late):
+    init, step = runner.make_runner(model, s, config, 4)  # AMP on the last step only
+    params, bstats = _micro_state(model)
+    opt_state = init(params)
+    traces[s.label] = []
+    for i in range(4):
+      x, y = _batch(16, i)
+      params, bstats, opt_state, _, _ = step(params, bstats, opt_state, x, y, jax.random.key(i))
+      traces[s.label].append(jax.tree.map(np.asarray, params))
+  erm, lt = traces["ERM"], traces[late.label]
+  assert all(_leaves_close(a, b) for a, b in zip(erm[:3], lt[:3], strict=True))
+  assert not _leaves_close(erm[3], lt[3])
+
+
+@pytest.mark.parametrize("variant", ["momentum", "drop-in"])
+def test_drop_in_variants_evaluate_unperturbed_params(variant):
+  import amp_optax  # pylint: disable=g-import-not-at-top
+
+  model = models.get_model("micro")
+  config = presets.Config("micro", False, 16, 0, 1, 16, lr=0.1)
+  s = presets.Setting("amp", epsilon=0.05, radius="relative", variant=variant)
+  assert presets.calls_per_step(s) == (2 if variant == "drop-in" else 1)
+  init, step = runner.make_runner(model, s, config, 10)
+  params, bstats = _micro_state(model)
+  opt_state = init(params)
+  for i in range(3):  # drop-in: ascent, descent, ascent (held perturbed)
+    x, y = _batch(16, i)
+    params, bstats, opt_state, _, _ = step(params, bstats, opt_state, x, y, jax.random.key(i))
+  assert int(opt_state.count) == (1 if variant == "drop-in" else 3)  # descent steps
+  theta = runner.eval_params(s, params, opt_state)
+  assert _leaves_close(theta, opt_state.theta)
+  assert not _leaves_close(theta, params)  # the step holds perturbed parameters
+  assert _leaves_close(theta, amp_optax.unperturbed_params(params, opt_state))
+  assert runner.eval_params(presets.Setting("erm"), params, opt_state) is params
+
+
+def test_cheap_settings_share_amps_epsilon():
+  amp = presets.Setting("amp", epsilon=0.1, norm="global")
+  settings = presets.cheap_settings(amp)
+  assert settings[:2] == [presets.Setting("erm"), amp]
+  assert len({s.label for s in settings}) == 6
+  for s in settings[1:]:
+    assert (s.epsilon, s.norm, s.radius, s.inner_lr) == (0.1, "global", "absolute", 1.0)
+  assert sorted(s.variant for s in settings[2:5]) == sorted(presets.VARIANTS)
+  assert (settings[5].ascent_every, settings[5].between, settings[5].dispatch) == (
+      8, "reuse", "python")
+
+
+def test_cheap_smoke_table(tmp_path):
+  args = ["--preset", "study-smoke", "--table", "cheap", "--out-dir", str(tmp_path),
+          "--work-dir", str(tmp_path / "work")]
+  out = study.main(args)
+  saved = json.loads((tmp_path / "study_smoke.json").read_text())
+  (group,) = saved["groups"]
+  rows = {r["label"]: r for r in group["rows"]}
+  labels = [s.label for s in presets.cheap_settings(presets.FALLBACK_CHOICE["amp"])]
+  assert list(rows) == labels
+  for r in rows.values():
+    assert sorted(r["runs"]) == ["0", "1"], r["label"]
+    assert all(math.isfinite(run["test_acc"]) for run in r["runs"].values())
+  timing = {r["label"]: r for r in saved["step_time"]["micro"]}
+  assert list(timing) == labels
+  late = timing[labels[4]]
+  assert late["derived"] and late["ratio_vs_erm"] == pytest.approx(
+      0.75 + 0.25 * timing[labels[1]]["ratio_vs_erm"])
+  md = out["markdown"]
+  assert "## AMP at ERM's cost" in md
+  for label in labels[1:]:
+    assert f"| micro | {label} | 2 |" in md
+  assert "## The cheaper step" not in md  # study-cheap groups: in their own section only
+
+
 def test_real_presets_say_when_data_is_missing(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "BUILD_PY", str(tmp_path / "absent" / "build.py"))
   with pytest.raises(SystemExit, match="no data"):

@@ -14,6 +14,9 @@ not redone; partial results are written after every run)::
     python -m benchmarks.study --preset study-final   # ERM vs AMP vs SAM vs the cheaper step,
                                                        #   5 paired seeds, with/without aug,
                                                        #   plus the interleaved step-time ratios
+    python -m benchmarks.study --preset study-cheap   # AMP at ERM's cost (issue 16): ERM, AMP
+                                                       #   and four cheaper variants at AMP's
+                                                       #   epsilon, 5 paired seeds, no aug
     python -m benchmarks.study --preset study-smoke   # CI: synthetic data, a tiny model
 
 Several processes may fill one table at once (``--models``, ``--blocks``, ``--methods`` split
@@ -24,6 +27,15 @@ AMP epsilon and SAM rho are chosen per model by *validation* accuracy (a held-ou
 training pool, never the test set) from the sweep's JSON when the final table is first run, and
 kept in its JSON from then on; without a sweep, the fallbacks in :data:`presets.FALLBACK_CHOICE` are
 used and the table says so.
+
+``study-cheap`` takes each model's AMP setting from ``study_final.json`` (the same epsilon, norm
+and radius for every row) and trains ERM, full AMP, ``drop_in_amp(ascent="momentum")`` (one
+gradient per step), ``drop_in_amp(ascent="gradient")`` with K = 1 in a plain loop (two calls,
+two gradients and two successive batches per descent step: its run is as long in descent steps
+as the others', so it sees twice the batches, at full AMP's cost), AMP on the last 25% of the
+steps only (``update(..., ascend=)`` decided in Python), and ``ascent_every=8`` with
+``"reuse"``; drop-in runs are evaluated at :func:`amp_optax.unperturbed_params`. Its markdown
+reports the gain each keeps relative to full AMP (Fieller interval) and the step time vs ERM.
 
 The cheaper step (``ascent_every`` > 1) is trained Python-dispatched (two jitted steps, see
 :func:`runner.make_python_dispatched`): the library's ``lax.cond`` form does the same

@@ -22,6 +22,7 @@ from benchmarks.study.presets import PAPER
 from benchmarks.study.presets import PRESETS
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
+from benchmarks.study.presets import cheap_settings
 from benchmarks.study.presets import choose_from_sweep
 from benchmarks.study.presets import final_settings
 from benchmarks.study.presets import sweep_settings
@@ -89,14 +90,23 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
   trainer = Trainer(data, p["hessian_iters"], p["perturb_samples"], p["sharpness_batch"])
   models = args.models or p["models"]
   seeds = p["seeds"][:args.seeds] if args.seeds else p["seeds"]
+  if args.only_seeds:  # e.g. a second process taking the last seeds while one runs the first
+    seeds = tuple(s for s in args.only_seeds if s in seeds)
   sweep = None
+  cheap = args.preset == "study-cheap" or (smoke and args.table == "cheap")
+  final_choices = {}
   if args.preset == "study-final":
     sweep_path = os.path.join(out_dir, "study_sweep.json")
     if os.path.exists(sweep_path):
       with open(sweep_path) as f:
         sweep = json.load(f)
-  elif smoke:
-    sweep = None
+  elif args.preset == "study-cheap":
+    # The final table's AMP setting per model (chosen there on validation accuracy): the gain
+    # each variant keeps is relative to full AMP at the same epsilon, norm and radius.
+    final_path = os.path.join(out_dir, "study_final.json")
+    if os.path.exists(final_path):
+      with open(final_path) as f:
+        final_choices = json.load(f).get("choices", {})
   result.setdefault("choices", {})
   # Blocks in priority order, each with all its seeds before the next: a study cut short
   # leaves whole blocks behind. Within a block the seeds are outermost (complete seed pairs).
@@ -115,11 +125,17 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
       # Chosen once per table: a sweep extended later must not change a table's rows midway.
       choice = {k: Setting(**prev[k]) for k in ("amp", "sam")}
       why = prev["how"]
+    elif model in final_choices:
+      choice = {k: Setting(**final_choices[model][k]) for k in ("amp", "sam")}
+      why = f"study_final.json's choice ({final_choices[model]['how']})"
     else:
       choice, why = choose_from_sweep(sweep, "small" if smoke else model)
     if not args.methods:  # a process running some methods only leaves the record alone.
       result["choices"][model] = {"amp": choice["amp"].as_dict(),
                                   "sam": choice["sam"].as_dict(), "how": why}
+    if cheap:
+      plan.append((config_for(False), cheap_settings(choice["amp"])))
+      continue
     settings = final_settings(choice, smoke)
     core = [s for s in settings if s.ascent_every == 1 and s != PAPER]
     cheaper = [s for s in settings if s.ascent_every > 1]
@@ -155,9 +171,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     result["step_time"] = {}
     result["step_time_batch"] = p.get("batch_size", 128)
     for model in models:
-      choice = result["choices"][model]
-      settings = timing_settings({k: Setting(**v) for k, v in choice.items() if k != "how"},
-                                 smoke)
+      choice = {k: Setting(**v) for k, v in result["choices"][model].items() if k != "how"}
+      settings = (cheap_settings(choice["amp"]) if cheap else timing_settings(choice, smoke))
       _log(f"step time {model}")
       result["step_time"][model] = time_steps(
           model, settings, p.get("batch_size", 128), rounds=2 if smoke else 3,
@@ -226,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(
       description="Where does AMP help? ERM vs AMP vs SAM where a regulariser matters, on CPU.")
   ap.add_argument("--preset", choices=sorted(PRESETS), default="study-sweep")
-  ap.add_argument("--table", choices=("sweep", "final"), default="final",
+  ap.add_argument("--table", choices=("sweep", "final", "cheap"), default="final",
                   help="with study-smoke: which table's settings to run")
   ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None)
   ap.add_argument("--methods", nargs="+", choices=("erm", "amp", "sam"), default=None,
@@ -236,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   "order core (ERM/AMP/SAM, no aug), aug (the same with augmentation), cheaper "
                   "(ascent_every 2 and 4), paper (AMP at the paper's epsilon))")
   ap.add_argument("--seeds", type=int, default=None, help="only the first N of the preset's seeds")
+  ap.add_argument("--only-seeds", type=int, nargs="+", default=None,
+                  help="only these of the preset's seeds, in this order (e.g. 4 3 in a second "
+                  "process while another runs from seed 0)")
   ap.add_argument("--data-dir", default=None, help="an official-layout CIFAR-10 folder")
   ap.add_argument("--work-dir", default=None, help="where the data subset is built")
   ap.add_argument("--out-dir", default=None, help="default: benchmarks/results")

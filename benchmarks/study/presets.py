@@ -20,6 +20,12 @@ class Setting:
   between: str = "clean"
   rho: float = 0.0
   dispatch: str = "cond"  # the cheaper step: "cond" (the library's) or "python" (two jits)
+  # AMP at ERM's cost (issue 16), with the AMP row's epsilon, norm and radius:
+  # "momentum": drop_in_amp(ascent="momentum"), one gradient per step;
+  # "drop-in": drop_in_amp(ascent="gradient", K=1) in a plain loop, successive batches: an
+  #   ascent call and a descent call per step, each on the next batch;
+  # "late": ERM, then full AMP for the last LATE_FRACTION of the steps (update(..., ascend=)).
+  variant: str = ""
 
   @property
   def label(self) -> str:
@@ -32,6 +38,8 @@ class Setting:
       s += f" every={self.ascent_every} {self.between}"
       if self.dispatch == "python":
         s += " (python)"
+    if self.variant:
+      s += " " + VARIANT_LABELS[self.variant]
     return s
 
   def as_dict(self) -> dict[str, Any]:
@@ -57,6 +65,18 @@ class Config:
 
 
 
+VARIANTS = ("momentum", "drop-in", "late")
+LATE_FRACTION = 0.25  # "late": AMP on the last quarter of the steps, ERM before.
+VARIANT_LABELS = {"momentum": "momentum ascent (drop-in)",
+                  "drop-in": "drop-in K=1 successive batches",
+                  "late": f"last {100 * LATE_FRACTION:g}% of steps only"}
+
+
+def calls_per_step(setting: Setting) -> int:
+  """Train-step calls (and batches) per descent step: 2 for the drop-in gradient ascent."""
+  return 2 if setting.variant == "drop-in" else 1
+
+
 SWEEP_SEEDS = (100, 101)  # two seeds (CPU budget); not the final table's: less selection bias.
 FINAL_SEEDS = (0, 1, 2, 3, 4)
 SWEEP_GRID = {
@@ -76,6 +96,8 @@ _REAL = dict(models=("small", "mid"), train_size=1000, val_size=500, test_size=2
 PRESETS: dict[str, dict[str, Any]] = {
     "study-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS),
     "study-final": dict(_REAL, augments=(False, True), seeds=FINAL_SEEDS),
+    # AMP at ERM's cost (issue 16): no augmentation (where AMP helps), the final table's seeds.
+    "study-cheap": dict(_REAL, augments=(False,), seeds=FINAL_SEEDS),
     "study-smoke": dict(models=("micro",), augments=(False, True), train_size=96, val_size=32,
                         test_size=64, epochs=2, seeds=(0, 1), hessian_iters=2,
                         perturb_samples=2, sharpness_batch=32, batch_size=32),
@@ -141,3 +163,13 @@ def timing_settings(choice: dict[str, Setting], smoke: bool) -> list[Setting]:
       settings.append(dataclasses.replace(s, dispatch="cond"))
     settings.append(s)
   return settings
+
+
+def cheap_settings(amp_best: Setting) -> list[Setting]:
+  """ERM, full AMP, and the four ways to AMP at (about) ERM's cost, all at AMP's epsilon."""
+  base = dataclasses.replace(amp_best, ascent_every=1, between="clean", dispatch="cond",
+                             variant="")
+  return [Setting("erm"), base,
+          *[dataclasses.replace(base, variant=v) for v in VARIANTS],
+          dataclasses.replace(base, ascent_every=8, between="reuse", dispatch="python")]
+

@@ -9,6 +9,7 @@ from benchmarks.study.presets import PAPER
 from benchmarks.study.presets import SWEEP_GRID
 from benchmarks.study.presets import Setting
 from benchmarks.study.stats import paired_ci
+from benchmarks.study.stats import ratio_ci
 
 
 def _pct(x: float) -> str:
@@ -23,7 +24,8 @@ def _group_order(group: dict[str, Any]) -> tuple[Any, ...]:
 def _row_order(row: dict[str, Any]) -> tuple[Any, ...]:
   st = row["setting"]
   return (("erm", "amp", "sam").index(st["method"]), st["ascent_every"], st["between"],
-          st["radius"], st["norm"], st["epsilon"], st["rho"], st.get("dispatch", "cond"))
+          st["radius"], st["norm"], st["epsilon"], st["rho"], st.get("dispatch", "cond"),
+          st.get("variant", ""))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -62,6 +64,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += transfer_lines(result)
   else:
     lines += comparison_lines(result)
+    lines += cheap_lines(result)
   if result.get("step_time"):
     lines += [f"## Step time (interleaved in one process, batch {result.get('step_time_batch')}"
               f", {result['machine']['cpu_count']} CPU cores shared with other jobs)", "",
@@ -93,7 +96,8 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     c = g["config"]
     rows = {r["label"]: r for r in g["rows"] if r["runs"]}
     amp = [r for r in rows.values() if r["setting"]["method"] == "amp"
-           and r["setting"]["ascent_every"] == 1 and Setting(**r["setting"]) != PAPER]
+           and r["setting"]["ascent_every"] == 1 and Setting(**r["setting"]) != PAPER
+           and not r["setting"].get("variant")]
     sam = [r for r in rows.values() if r["setting"]["method"] == "sam"]
     erm = rows.get("ERM")
     where = f"{c['model']}, {'aug' if c['augment'] else 'no aug'}"
@@ -108,10 +112,11 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     if erm is None or len(amp) != 1:
       continue
     full = amp[0].get("summary", {}).get("test_acc_minus_erm")
+    has_variants = any(r["setting"].get("variant") for r in rows.values())
     for r in rows.values():
       st = r["setting"]
-      if st["method"] != "amp" or st["ascent_every"] == 1 or not full:
-        continue
+      if st["method"] != "amp" or st["ascent_every"] == 1 or not full or has_variants:
+        continue  # a study-cheap group: in its own section (cheap_lines).
       d = r["summary"]["test_acc_minus_erm"]
       share = d["mean"] / full["mean"] if full["mean"] > 0 else float("nan")
       t_py = times.get((c["model"], st["ascent_every"], st["between"], "python", "amp"))
@@ -125,6 +130,72 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
   if len(cheap) > 6:
     out += cheap + [""]
   return out
+
+
+def _ci(d: dict[str, Any], scale: float = 100.0) -> str:
+  if d["n"] < 2:
+    return f"{scale * d['mean']:+.2f}" if d["n"] else "—"
+  return f"{scale * d['mean']:+.2f} [{scale * d['lo']:+.2f}, {scale * d['hi']:+.2f}]"
+
+
+def cheap_lines(result: dict[str, Any]) -> list[str]:
+  """AMP at ERM's cost (study-cheap): each variant's gain over ERM, its difference to full AMP,
+  the share of AMP's gain it keeps, and its step time against ERM, all paired by seed."""
+  lines = ["## AMP at ERM's cost: gain kept relative to full AMP (same epsilon), and step time",
+           "",
+           "All paired by seed (same initialisation; the same data order except the drop-in "
+           "gradient ascent's, which takes two batches per descent step). Gain: test accuracy − "
+           "ERM's; vs AMP: − full AMP's (points, 95% t-interval). Kept: gain / AMP's gain, with "
+           "a 95% Fieller interval (the ratios r for which a paired t-test does not reject "
+           "gain − r·AMP gain = 0; 'unbounded' when AMP's own gain is not clearly above 0). "
+           "≥80%?: the paired interval of gain − 0.8·AMP gain (above 0: keeps at least 80%; "
+           "below 0: keeps less). Step time / ERM: interleaved timing below (late: derived, 0.75 "
+           "ERM + 0.25 AMP); train time / ERM: the runs' own wall clock (mean of the per-seed "
+           "ratios; on a shared machine, noisier).", "",
+           "| model | setting | n | test acc % | gain vs ERM | vs full AMP | kept [95%] | "
+           "≥80%? gain − 0.8·AMP gain | step time / ERM | train time / ERM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  times = {(m, r["label"]): r["ratio_vs_erm"] for m, rows in result.get("step_time", {}).items()
+           for r in rows}
+  n_rows = len(lines)
+  for g in sorted(result["groups"], key=_group_order):
+    c = g["config"]
+    rows = [r for r in g["rows"] if r["runs"]]
+    erm = next((r for r in rows if r["setting"]["method"] == "erm"), None)
+    amp = next((r for r in rows if r["setting"]["method"] == "amp"
+                and r["setting"]["ascent_every"] == 1 and not r["setting"].get("variant")
+                and Setting(**r["setting"]) != PAPER), None)
+    variants = [r for r in rows if r["setting"]["method"] == "amp" and r is not amp
+                and (r["setting"].get("variant") or r["setting"]["ascent_every"] > 1)]
+    if erm is None or amp is None or not variants:
+      continue
+    for r in [amp] + sorted(variants, key=_row_order):
+      common = sorted(set(r["runs"]) & set(erm["runs"]) & set(amp["runs"]), key=int)
+      if not common:
+        continue
+      acc = np.asarray([r["runs"][k]["test_acc"] for k in common])
+      e = np.asarray([erm["runs"][k]["test_acc"] for k in common])
+      a = np.asarray([amp["runs"][k]["test_acc"] for k in common])
+      gain = paired_ci(list(acc), list(e))
+      if r is amp:
+        vs_amp = kept = target = "—"
+      else:
+        vs_amp = _ci(paired_ci(list(acc), list(a)))
+        lo, hi = ratio_ci(acc - e, a - e)
+        amp_gain = float(np.mean(a - e))
+        ratio = float(np.mean(acc - e)) / amp_gain if amp_gain else float("nan")
+        kept = f"{100 * ratio:.0f}% " + (
+            f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" if np.isfinite(lo) and np.isfinite(hi)
+            else "[unbounded]")
+        target = _ci(paired_ci(list(acc - e), list(0.8 * (a - e))))
+      t_ratio = [r["runs"][k]["train_seconds"] / erm["runs"][k]["train_seconds"]
+                 for k in common]
+      step = times.get((c["model"], r["label"]))
+      lines.append(
+          f"| {c['model']} | {r['label']} | {len(common)} | {100 * acc.mean():.2f} | "
+          f"{_ci(gain)} | {vs_amp} | {kept} | {target} | "
+          f"{'—' if step is None else f'{step:.2f}'} | {np.mean(t_ratio):.2f} |")
+  return lines + [""] if len(lines) > n_rows else []
 
 
 def transfer_lines(result: dict[str, Any]) -> list[str]:

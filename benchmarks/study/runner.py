@@ -1,6 +1,7 @@
 """Training runs: the optimiser of a setting, the jitted train steps (one, or two alternated from
 Python for the cheaper step), evaluation, sharpness at the final parameters, and step time."""
 
+import dataclasses
 import time
 from typing import Any
 
@@ -16,8 +17,10 @@ from benchmarks.study.data import MEAN
 from benchmarks.study.data import STD
 from benchmarks.study.data import Data
 from benchmarks.study.models import get_model
+from benchmarks.study.presets import LATE_FRACTION
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
+from benchmarks.study.presets import calls_per_step
 from examples.cifar import data as cifar_data
 
 
@@ -38,6 +41,11 @@ def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.Gradien
   base = _base(config, total_steps)
   if setting.method == "erm":
     return base
+  if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
+    # The base optimiser's schedule counts descent steps (total_steps of them).
+    return amp_optax.drop_in_amp(
+        base, setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1, norm=setting.norm,
+        radius=setting.radius, ascent="momentum" if setting.variant == "momentum" else "gradient")
   if setting.method == "amp":
     every = None if setting.ascent_every == 1 else setting.ascent_every
     return optax.chain(_amp(setting, every), base)
@@ -70,13 +78,17 @@ def _losses(model: nn.Module, augment: bool):
   return batch_loss
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: bool):
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: bool,
+                    plain: bool = False, ascend: bool | None = None):
   """A jitted ``(params, batch_stats, opt_state, images_u8, labels, key) -> (..., loss, acc)``.
 
   The perturbed gradients (AMP's ``grad_fn``, SAM's) use the batch's own statistics, like the
-  clean one; only the clean pass updates the running BatchNorm statistics.
+  clean one; only the clean pass updates the running BatchNorm statistics. ``plain``: the
+  unchanged step of :func:`amp_optax.drop_in_amp` (no ``grad_fn``; every call's pass updates
+  the statistics). ``ascend``: passed on to ``tx.update`` when not None.
   """
   batch_loss = _losses(model, augment)
+  extra = {} if ascend is None else {"ascend": ascend}
 
   def step(params, batch_stats, opt_state, images, labels, key):
     loss_fn = batch_loss(images, labels, key, batch_stats)
@@ -85,7 +97,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     def grad_fn(p, _inner_step):
       return jax.grad(lambda q: loss_fn(q)[0])(p)
 
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    if plain:
+      updates, opt_state = tx.update(grads, opt_state, params)
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra)
     params = optax.apply_updates(params, updates)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return params, new_stats, opt_state, loss, acc
@@ -149,12 +164,50 @@ def make_python_dispatched(model: nn.Module, setting: Setting, config: Config, t
   return init, step
 
 
+def make_late(model: nn.Module, setting: Setting, config: Config, total_steps: int):
+  """ERM, then full AMP on the last :data:`LATE_FRACTION` of the steps: ``(init, step)``.
+
+  One optimiser, ``chain(amp(...), base)``, whose steps are decided in Python with
+  ``update(..., ascend=bool)`` (two jitted steps, no ``lax.cond``): the base optimiser's
+  momentum and schedule run on unchanged when AMP switches on.
+  """
+  tx = optax.chain(_amp(setting, None), _base(config, total_steps))
+  start = int(round((1.0 - LATE_FRACTION) * total_steps))
+  steps = {a: make_train_step(model, tx, config.augment, ascend=a) for a in (False, True)}
+  calls = [0]
+
+  def init(params):
+    calls[0] = 0
+    return tx.init(params)
+
+  def step(*args):
+    fn = steps[calls[0] >= start]
+    calls[0] += 1
+    return fn(*args)
+
+  return init, step
+
+
 def make_runner(model: nn.Module, setting: Setting, config: Config, total_steps: int):
-  """``(init, step)`` of a setting: one jitted step, or two for the Python-dispatched one."""
+  """``(init, step)`` of a setting: one jitted step, or two for the Python-dispatched one.
+
+  ``total_steps`` counts descent steps; a drop-in gradient-ascent setting takes
+  :func:`~benchmarks.study.presets.calls_per_step` calls of ``step`` for each.
+  """
   if setting.dispatch == "python" and setting.method == "amp" and setting.ascent_every > 1:
     return make_python_dispatched(model, setting, config, total_steps)
+  if setting.method == "amp" and setting.variant == "late":
+    return make_late(model, setting, config, total_steps)
   tx = make_tx(setting, config, total_steps)
-  return tx.init, make_train_step(model, tx, config.augment)
+  plain = setting.method == "amp" and setting.variant in ("momentum", "drop-in")
+  return tx.init, make_train_step(model, tx, config.augment, plain=plain)
+
+
+def eval_params(setting: Setting, params, opt_state):
+  """The parameters to evaluate: theta, without a drop-in setting's perturbation."""
+  if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
+    return amp_optax.unperturbed_params(params, opt_state)
+  return params
 
 
 def make_eval(model: nn.Module):
@@ -242,7 +295,7 @@ class Trainer:
     model = get_model(config.model)
     n = len(self.data.train_x)
     steps_per_epoch = n // config.batch_size
-    total = steps_per_epoch * config.epochs
+    total = steps_per_epoch * config.epochs  # descent steps
     if (config, setting) not in self._runners:
       self._runners[(config, setting)] = make_runner(model, setting, config, total)
     init, step = self._runners[(config, setting)]
@@ -251,7 +304,10 @@ class Trainer:
     aug_key = jax.random.key(10_000 + seed)
     t0 = time.perf_counter()
     losses = []
-    for epoch in range(config.epochs):
+    # The drop-in gradient ascent takes calls_per_step calls per descent step, each on the next
+    # batch: the same number of descent steps takes that many passes over the data.
+    epochs = config.epochs * calls_per_step(setting)
+    for epoch in range(epochs):
       # The data order and augmentation draws depend on the seed only: paired across methods.
       perm = np.random.default_rng([seed, epoch]).permutation(n)
       losses, accs = [], []
@@ -262,12 +318,13 @@ class Trainer:
             jax.random.fold_in(aug_key, epoch * steps_per_epoch + i))
         losses.append(loss)
         accs.append(acc)
-      if log is not None and (epoch + 1) % max(1, config.epochs // 4) == 0:
-        log(f"    epoch {epoch + 1}/{config.epochs} train loss "
+      if log is not None and (epoch + 1) % max(1, epochs // 4) == 0:
+        log(f"    epoch {epoch + 1}/{epochs} train loss "
             f"{float(np.mean(jax.device_get(losses))):.4f}")
     train_loss = float(np.mean(jax.device_get(losses)))
     train_acc = float(np.mean(jax.device_get(accs)))
     train_seconds = time.perf_counter() - t0
+    params = eval_params(setting, params, opt_state)
     if config.model not in self._eval:
       self._eval[config.model] = make_eval(model)
       self._sharp[config.model] = make_sharpness(model, self.hessian_iters,
@@ -288,33 +345,39 @@ class Trainer:
 
 
 def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds: int = 5,
-               blocks: int = 6, block: int = 4) -> list[dict[str, Any]]:
-  """Median seconds per step of each setting's train step, interleaved in ``rounds``.
+               blocks: int = 6, block: int = 8) -> list[dict[str, Any]]:
+  """Median seconds per (descent) step of each setting's train step, interleaved in ``rounds``.
 
-  Each timed call is a block of ``block`` consecutive steps (a multiple of ``ascent_every``)
-  waited for at its end, so steps with and without an ascent are averaged as in training.
+  Each timed call is a block of ``block`` consecutive descent steps (a multiple of
+  ``ascent_every``; with the drop-in gradient ascent ``calls_per_step`` calls each) waited for
+  at its end, so steps with and without an ascent are averaged as in training. A "late"
+  setting is not timed itself: its rows are derived from the ERM row and the full AMP row of
+  the same timing, ``(1 - LATE_FRACTION) * ERM + LATE_FRACTION * AMP`` (the two steps it
+  alternates between; see :func:`make_late`), and say so (``"derived"``).
   """
   model = get_model(model_name)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (batch_size,)).astype(np.int32)
   config = Config(model_name, False, batch_size, 0, 1, batch_size)
+  timed = [s for s in settings if s.variant != "late"]
   runners = []
-  for s in settings:
+  for s in timed:
     init, step = make_runner(model, s, config, 1000)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     state = [variables["params"], variables["batch_stats"], init(variables["params"])]
     key = jax.random.key(0)
+    n_calls = block * calls_per_step(s)
 
-    def run_block(step=step, state=state, key=key):
-      for _ in range(block):
+    def run_block(step=step, state=state, key=key, calls=n_calls):
+      for _ in range(calls):
         state[0], state[1], state[2], loss, _ = step(state[0], state[1], state[2], images,
                                                      labels, key)
       jax.block_until_ready(loss)
 
     run_block()  # compile and warm up
     runners.append(run_block)
-  times: list[list[float]] = [[] for _ in settings]
+  times: list[list[float]] = [[] for _ in timed]
   for _ in range(rounds):
     for i, r in enumerate(runners):
       for _ in range(blocks):
@@ -322,10 +385,23 @@ def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds
         r()
         times[i].append((time.perf_counter() - t0) / block)
   erm = float(np.median(times[0]))
-  rows = []
-  for s, t in zip(settings, times, strict=True):
+  by_setting = {}
+  for s, t in zip(timed, times, strict=True):
     med = float(np.median(t))
-    rows.append({"setting": s.as_dict(), "label": s.label, "ms_median": 1e3 * med,
-                 "ms_p10": 1e3 * float(np.percentile(t, 10)),
-                 "ms_p90": 1e3 * float(np.percentile(t, 90)), "ratio_vs_erm": med / erm})
+    by_setting[s] = {"setting": s.as_dict(), "label": s.label, "ms_median": 1e3 * med,
+                     "ms_p10": 1e3 * float(np.percentile(t, 10)),
+                     "ms_p90": 1e3 * float(np.percentile(t, 90)), "ratio_vs_erm": med / erm}
+  rows = []
+  for s in settings:
+    if s.variant != "late":
+      rows.append(by_setting[s])
+      continue
+    full = dataclasses.replace(s, variant="")
+    if full not in by_setting or timed[0].method != "erm":
+      continue
+    row = {"setting": s.as_dict(), "label": s.label, "derived": True}
+    for k in ("ms_median", "ratio_vs_erm"):  # no percentiles: not timed itself
+      row[k] = ((1 - LATE_FRACTION) * by_setting[timed[0]][k]
+                + LATE_FRACTION * by_setting[full][k])
+    rows.append(row)
   return rows
