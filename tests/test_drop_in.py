@@ -41,14 +41,22 @@ FLOAT64_SCRIPT = textwrap.dedent("""
                                                momentum=0.9, nesterov=True))
           ref_tx = optax.chain(amp_optax.amp(eps, 0.7, k, norm, radius=radius), base())
           tx = amp_optax.drop_in_amp(base(), eps, 0.7, k, norm, radius=radius)
+          @jax.jit
+          def ref_step(p, s, x, ref_tx=ref_tx):
+            g = jax.grad(loss_fn)(p, x)
+            u, s = ref_tx.update(g, s, p, grad_fn=lambda q, _: jax.grad(loss_fn)(q, x))
+            return optax.apply_updates(p, u), s
+
+          @jax.jit
+          def plain_step(p, s, x, tx=tx):  # the unchanged step
+            u, s = tx.update(jax.grad(loss_fn)(p, x), s, p)
+            return optax.apply_updates(p, u), s
+
           p_ref, s_ref, p, s = params, ref_tx.init(params), params, tx.init(params)
           for x in batches:
-            g = jax.grad(loss_fn)(p_ref, x)
-            u, s_ref = ref_tx.update(g, s_ref, p_ref, grad_fn=lambda q, _: jax.grad(loss_fn)(q, x))
-            p_ref = optax.apply_updates(p_ref, u)
-            for _ in range(k + 1):  # the unchanged step, fed the same batch K + 1 times
-              u, s = tx.update(jax.grad(loss_fn)(p, x), s, p)
-              p = optax.apply_updates(p, u)
+            p_ref, s_ref = ref_step(p_ref, s_ref, x)
+            for _ in range(k + 1):  # fed the same batch K + 1 times
+              p, s = plain_step(p, s, x)
           diff = max(float(jnp.max(jnp.abs(a - b)))
                      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)))
           out[f"{k}-{norm}-{radius}"] = [diff, int(s.count), int(s.phase)]
