@@ -240,7 +240,7 @@ def test_launcher_stops_all_when_one_fails(tmp_path):
             "time.sleep(600)\n")
   start = time.monotonic()
   with pytest.raises(launch_local.LaunchError,
-                     match="(?s)process 1 exited with code 1.*process 0 of 2.*failing on purpose"):
+                     match="(?s)process 1 exited with code 1.*-- process 0 .*failing on purpose"):
     launch_local.launch(2, [], command=[sys.executable, "-c", script], timeout=60, echo=False)
   assert time.monotonic() - start < 30
   start = time.monotonic()
