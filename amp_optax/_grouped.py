@@ -53,6 +53,17 @@ def mean_over_groups(updates: Any, groups: int, axis_names: tuple[str, ...] | No
   return jax.tree.unflatten(treedef, leaves)
 
 
+def num_groups_of(grouped_batch: Any, where: str) -> int:
+  """The size of the leading group axis shared by every leaf of ``grouped_batch``."""
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(grouped_batch)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        f"{where}: every leaf of `grouped_batch` must have the same leading group axis, as "
+        "amp_optax.group_batch(batch, num_groups) makes; got leading sizes "
+        f"{sorted(map(str, sizes))}.")
+  return int(sizes.pop())  # type: ignore[arg-type]
+
+
 def group_batch(batch: Any, num_groups: int) -> Any:
   """Splits every leaf ``(N, ...)`` of ``batch`` into ``(num_groups, N // num_groups, ...)``.
 

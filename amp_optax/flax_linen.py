@@ -810,16 +810,6 @@ def amp_step(
   return new_state, ((loss, aux) if has_aux else loss)
 
 
-def _num_groups(grouped_batch: Any, where: str) -> int:
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(grouped_batch)}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        f"{where}: every leaf of `grouped_batch` must have the same leading group axis, as "
-        "amp_optax.group_batch(batch, num_groups) makes; got leading sizes "
-        f"{sorted(map(str, sizes))}.")
-  return int(sizes.pop())  # type: ignore[arg-type]
-
-
 def _group_rngs(rng: Any, groups: int) -> Any:
   """Group ``j``'s key ``jax.random.fold_in(rng, j)``, stacked on a leading group axis."""
   if rng is None:
@@ -864,7 +854,7 @@ def make_grouped_grad_fn(
   """
   where = "flax_linen.make_grouped_grad_fn"
   check_policies("clean", rng_policy)
-  groups = _num_groups(grouped_batch, where)
+  groups = _grouped.num_groups_of(grouped_batch, where)
   perturbed_pass = _perturbed_pass(_normalised(loss_fn, has_aux, where), None)
 
   def one_group(params, batch, key, inner_step):
@@ -956,7 +946,7 @@ def grouped_value_and_grad(
   """
   where = "flax_linen.grouped_value_and_grad"
   check_policies("clean", rng_policy)
-  groups = _num_groups(grouped_batch, where)
+  groups = _grouped.num_groups_of(grouped_batch, where)
   value_and_grad = jax.value_and_grad(_normalised(loss_fn, has_aux, where), has_aux=True)
 
   def clean(batch, key):

@@ -510,16 +510,6 @@ def amp_step(
   return out, dynamic_scale, finite
 
 
-def _num_groups(grouped_batch: Any, where: str) -> int:
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(grouped_batch)}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        f"{where}: every leaf of `grouped_batch` must have the same leading group axis, as "
-        "amp_optax.group_batch(batch, num_groups) makes; got leading sizes "
-        f"{sorted(map(str, sizes))}.")
-  return int(sizes.pop())  # type: ignore[arg-type]
-
-
 def grouped_value_and_grad(
     model: nnx.Module,
     loss_fn: Callable[..., Any],
@@ -592,7 +582,7 @@ def grouped_value_and_grad(
   """
   where = "flax_nnx.grouped_value_and_grad"
   check_policies("clean", rng_policy)
-  groups = _num_groups(grouped_batch, where)
+  groups = _grouped.num_groups_of(grouped_batch, where)
   snapshot = _Snapshot(model, args, wrt)
   param_vars = nnx.state(model, wrt)
   params = nnx.as_pure(param_vars)
