@@ -18,13 +18,17 @@ from benchmarks.study.data import REPO
 from benchmarks.study.data import load_data
 from benchmarks.study.models import MODEL_NAMES
 from benchmarks.study.presets import EPOCHS
+from benchmarks.study.presets import FALLBACK_CHOICE
 from benchmarks.study.presets import PAPER
 from benchmarks.study.presets import PRESETS
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
 from benchmarks.study.presets import cheap_settings
 from benchmarks.study.presets import choose_from_sweep
+from benchmarks.study.presets import choose_grouped
 from benchmarks.study.presets import final_settings
+from benchmarks.study.presets import grouped_final_settings
+from benchmarks.study.presets import grouped_sweep_settings
 from benchmarks.study.presets import sweep_settings
 from benchmarks.study.presets import timing_settings
 from benchmarks.study.report import markdown
@@ -67,6 +71,51 @@ def _rows_for(result: dict[str, Any], config: Config, settings: list[Setting]):
   return group, rows
 
 
+def _load(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _grouped_choices(result: dict[str, Any], model: str, groups: tuple[int, ...],
+                     sweep: dict[str, Any] | None, restart: bool) -> dict[int, dict[str, Setting]]:
+  """Per G, the AMP and SAM rows of the grouped table: chosen once from the grouped sweep on
+  validation accuracy and kept in the table's JSON (fallback: the whole-batch fallback)."""
+  saved = result.setdefault("grouped_choices", {}).setdefault(model, {})
+  out = {}
+  for g in groups:
+    if str(g) in saved and not restart:
+      out[g] = {k: Setting(**saved[str(g)][k]) for k in ("amp", "sam")}
+      continue
+    picked = choose_grouped(sweep, model, g)
+    if picked is None:
+      choice = {k: dataclasses.replace(v, num_groups=g) for k, v in FALLBACK_CHOICE.items()}
+      how = "fallback (no grouped sweep for this G)"
+    else:
+      choice, how = picked
+    saved[str(g)] = {"amp": choice["amp"].as_dict(), "sam": choice["sam"].as_dict(), "how": how}
+    out[g] = choice
+  return out
+
+
+def _import_whole_batch_runs(result: dict[str, Any], config: Config, settings: list[Setting],
+                             final: dict[str, Any] | None) -> None:
+  """The grouped table's m = whole-batch rows (G = 1) are study_final's runs of the same config
+  and settings (the same code path and seeds): copied, not retrained."""
+  if final is None:
+    return
+  source = next((g for g in final["groups"] if g["config"] == dataclasses.asdict(config)), None)
+  if source is None:
+    return
+  by_label = {r["label"]: r for r in source["rows"]}
+  _, rows = _rows_for(result, config, settings)
+  for s, row in zip(settings, rows, strict=True):
+    if s.num_groups == 1 and s.label in by_label:
+      for seed, run in by_label[s.label]["runs"].items():
+        row["runs"].setdefault(seed, dict(run, source="study_final.json"))
+
+
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
   p = PRESETS[args.preset]
   smoke = args.preset == "study-smoke"
@@ -94,7 +143,19 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     seeds = tuple(s for s in args.only_seeds if s in seeds)
   sweep = None
   cheap = args.preset == "study-cheap" or (smoke and args.table == "cheap")
+  grouped_sweep = args.preset == "study-grouped-sweep" or (smoke and args.table == "grouped-sweep")
+  grouped = args.preset == "study-grouped" or (smoke and args.table == "grouped")
   final_choices = {}
+  study_final = None
+  if grouped or grouped_sweep:
+    # Grouped ascent (issue 17): m = the whole batch is study_final's AMP and SAM rows; the
+    # grouped sweep searches the same (radius, norm) family per G.
+    study_final = None if smoke else _load(os.path.join(out_dir, "study_final.json"))
+    final_choices = (study_final or {}).get("choices", {})
+    if grouped and not smoke:
+      sweep = _load(os.path.join(out_dir, "study_grouped_sweep.json"))
+    elif grouped:
+      sweep = _load(json_path) if os.path.exists(json_path) else None
   if args.preset == "study-final":
     sweep_path = os.path.join(out_dir, "study_sweep.json")
     if os.path.exists(sweep_path):
@@ -136,6 +197,15 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     if cheap:
       plan.append((config_for(False), cheap_settings(choice["amp"])))
       continue
+    if grouped_sweep:
+      plan.append((config_for(False), grouped_sweep_settings(choice["amp"], p["groups"], smoke)))
+      continue
+    if grouped:
+      per_group = _grouped_choices(result, model, p["groups"], sweep, args.restart)
+      settings = grouped_final_settings(choice, per_group)
+      _import_whole_batch_runs(result, config_for(False), settings, study_final)
+      plan.append((config_for(False), settings))
+      continue
     settings = final_settings(choice, smoke)
     core = [s for s in settings if s.ascent_every == 1 and s != PAPER]
     cheaper = [s for s in settings if s.ascent_every > 1]
@@ -167,12 +237,19 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
              f"{r['train_loss']:.4f} eig {r['hessian_top_eigenvalue']:.3g} "
              f"({r['train_seconds']:.0f}s, {time.perf_counter() - t_start:.0f}s total)")
         finish(result, json_path)
-  if args.preset != "study-sweep" and not args.skip_timing:
+  if args.preset != "study-sweep" and not grouped_sweep and not args.skip_timing:
     result["step_time"] = {}
     result["step_time_batch"] = p.get("batch_size", 128)
     for model in models:
       choice = {k: Setting(**v) for k, v in result["choices"][model].items() if k != "how"}
-      settings = (cheap_settings(choice["amp"]) if cheap else timing_settings(choice, smoke))
+      if grouped:
+        per_group = {int(g): {k: Setting(**v) for k, v in c.items() if k != "how"}
+                     for g, c in result["grouped_choices"][model].items()}
+        settings = grouped_final_settings(choice, per_group)
+      elif cheap:
+        settings = cheap_settings(choice["amp"])
+      else:
+        settings = timing_settings(choice, smoke)
       _log(f"step time {model}")
       result["step_time"][model] = time_steps(
           model, settings, p.get("batch_size", 128), rounds=2 if smoke else 3,
@@ -187,7 +264,7 @@ def _merge_from_disk(result: dict[str, Any], json_path: str) -> None:
     return
   with open(json_path) as f:
     disk = json.load(f)
-  for key in ("choices", "step_time"):
+  for key in ("choices", "step_time", "grouped_choices"):
     for model, value in disk.get(key, {}).items():
       result.setdefault(key, {}).setdefault(model, value)
   if "step_time_batch" in disk:
@@ -241,7 +318,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(
       description="Where does AMP help? ERM vs AMP vs SAM where a regulariser matters, on CPU.")
   ap.add_argument("--preset", choices=sorted(PRESETS), default="study-sweep")
-  ap.add_argument("--table", choices=("sweep", "final", "cheap"), default="final",
+  ap.add_argument("--table", choices=("sweep", "final", "cheap", "grouped-sweep", "grouped"),
+                  default="final",
                   help="with study-smoke: which table's settings to run")
   ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None)
   ap.add_argument("--methods", nargs="+", choices=("erm", "amp", "sam"), default=None,

@@ -26,13 +26,20 @@ class Setting:
   #   ascent call and a descent call per step, each on the next batch;
   # "late": ERM, then full AMP for the last LATE_FRACTION of the steps (update(..., ascend=)).
   variant: str = ""
+  # Grouped ascent (issue 17): the batch in G groups, each with its own perturbation (SAM's
+  # "m-sharpness"); BatchNorm per group (ghost batch norm). ERM with G > 1 is the same ghost-BN
+  # step without an ascent (what grouped AMP is at epsilon 0); SAM with G > 1 is
+  # amp(rho, norm="global", inner_lr=SAM_INNER_LR, num_groups=G): each group's step to the
+  # sphere along its own gradient, SAM's perturbation.
+  num_groups: int = 1
 
   @property
   def label(self) -> str:
+    group = f" G={self.num_groups}" if self.num_groups > 1 else ""
     if self.method == "erm":
-      return "ERM"
+      return f"ERM ghost-BN{group}" if group else "ERM"
     if self.method == "sam":
-      return f"SAM rho={self.rho:g}"
+      return f"SAM rho={self.rho:g}{group}"
     s = f"AMP {self.radius[:3]} {self.norm} eps={self.epsilon:g}"
     if self.ascent_every > 1:
       s += f" every={self.ascent_every} {self.between}"
@@ -40,7 +47,7 @@ class Setting:
         s += " (python)"
     if self.variant:
       s += " " + VARIANT_LABELS[self.variant]
-    return s
+    return s + group
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -93,14 +100,23 @@ FALLBACK_CHOICE = {"amp": Setting("amp", epsilon=0.03, norm="per_tensor", radius
 _REAL = dict(models=("small", "mid"), train_size=1000, val_size=500, test_size=2000,
              epochs=None, batch_size=100, hessian_iters=6, perturb_samples=6,
              sharpness_batch=128)
+# Grouped ascent (issue 17) at batch 100: m = 25 (a quarter of the batch) and m = 5 (1/20: the
+# divisor of 100 nearest to 1/16; batch 100 is kept so that the m = whole-batch rows are
+# study_final's).
+GROUPS = (4, 20)
+SAM_INNER_LR = 1e6  # inner_lr * ||g|| >= rho: amp's step lands on the sphere, as SAM's does.
 PRESETS: dict[str, dict[str, Any]] = {
     "study-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS),
     "study-final": dict(_REAL, augments=(False, True), seeds=FINAL_SEEDS),
     # AMP at ERM's cost (issue 16): no augmentation (where AMP helps), the final table's seeds.
     "study-cheap": dict(_REAL, augments=(False,), seeds=FINAL_SEEDS),
+    # Grouped ascent (issue 17): epsilon and rho re-chosen per G on validation (two seeds, the
+    # study_final AMP row's norm and radius), then 5 paired seeds with a ghost-BN ERM control.
+    "study-grouped-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS, groups=GROUPS),
+    "study-grouped": dict(_REAL, augments=(False,), seeds=FINAL_SEEDS, groups=GROUPS),
     "study-smoke": dict(models=("micro",), augments=(False, True), train_size=96, val_size=32,
                         test_size=64, epochs=2, seeds=(0, 1), hessian_iters=2,
-                        perturb_samples=2, sharpness_batch=32, batch_size=32),
+                        perturb_samples=2, sharpness_batch=32, batch_size=32, groups=(4,)),
 }
 # Epochs per (model, augment): long enough that ERM's training loss gets near zero without
 # augmentation (measured on the 1,000-image set), the same with it.
@@ -173,3 +189,50 @@ def cheap_settings(amp_best: Setting) -> list[Setting]:
           *[dataclasses.replace(base, variant=v) for v in VARIANTS],
           dataclasses.replace(base, ascent_every=8, between="reuse", dispatch="python")]
 
+
+
+def grouped_sweep_settings(amp_choice: Setting, groups: tuple[int, ...],
+                           smoke: bool) -> list[Setting]:
+  """Per G: AMP over the sweep grid of ``amp_choice``'s (radius, norm), and SAM's rhos."""
+  grid = SWEEP_GRID[(amp_choice.radius, amp_choice.norm)]
+  settings = []
+  for g in groups:
+    settings += [Setting("amp", epsilon=e, norm=amp_choice.norm, radius=amp_choice.radius,
+                         num_groups=g) for e in (grid[:2] if smoke else grid)]
+    settings += [Setting("sam", rho=r, num_groups=g) for r in (SAM_RHOS[:1] if smoke
+                                                               else SAM_RHOS)]
+  return settings
+
+
+def choose_grouped(sweep: dict[str, Any] | None, model: str,
+                   groups: int) -> tuple[dict[str, Setting], str] | None:
+  """Best AMP epsilon and SAM rho at ``groups`` by mean validation accuracy (None: no rows)."""
+  if sweep is None:
+    return None
+  best: dict[str, tuple[float, Setting]] = {}
+  seeds: set[str] = set()
+  for group in sweep["groups"]:
+    if group["config"]["model"] != model:
+      continue
+    for row in group["rows"]:
+      s = Setting(**row["setting"])
+      if s.method == "erm" or s.num_groups != groups or not row["runs"]:
+        continue
+      seeds |= set(row["runs"])
+      val = float(np.mean([r["val_acc"] for r in row["runs"].values()]))
+      if s.method not in best or val > best[s.method][0]:
+        best[s.method] = (val, s)
+  if set(best) != {"amp", "sam"}:
+    return None
+  return ({k: v[1] for k, v in best.items()},
+          f"best validation accuracy in study_grouped_sweep (seeds {', '.join(sorted(seeds))})")
+
+
+def grouped_final_settings(whole: dict[str, Setting],
+                           per_group: dict[int, dict[str, Setting]]) -> list[Setting]:
+  """ERM, AMP and SAM at m = the whole batch (``whole``), then per G the ghost-BN ERM control
+  and the AMP and SAM chosen for that G."""
+  settings = [Setting("erm"), whole["amp"], whole["sam"]]
+  for g, choice in per_group.items():
+    settings += [Setting("erm", num_groups=g), choice["amp"], choice["sam"]]
+  return settings

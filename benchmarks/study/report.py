@@ -23,7 +23,8 @@ def _group_order(group: dict[str, Any]) -> tuple[Any, ...]:
 
 def _row_order(row: dict[str, Any]) -> tuple[Any, ...]:
   st = row["setting"]
-  return (("erm", "amp", "sam").index(st["method"]), st["ascent_every"], st["between"],
+  return (st.get("num_groups", 1), ("erm", "amp", "sam").index(st["method"]), st["ascent_every"],
+          st["between"],
           st["radius"], st["norm"], st["epsilon"], st["rho"], st.get("dispatch", "cond"),
           st.get("variant", ""))
 
@@ -35,6 +36,12 @@ def markdown(result: dict[str, Any]) -> str:
     for m, c in result["choices"].items():
       lines.append(f"- {m}: AMP = {Setting(**c['amp']).label}, SAM = "
                    f"{Setting(**c['sam']).label} ({c['how']})")
+    lines.append("")
+  for m, per_group in result.get("grouped_choices", {}).items():
+    for g, c in sorted(per_group.items(), key=lambda kv: int(kv[0])):
+      lines.append(f"- {m}, G={g}: AMP = {Setting(**c['amp']).label}, SAM = "
+                   f"{Setting(**c['sam']).label} ({c['how']})")
+  if result.get("grouped_choices"):
     lines.append("")
   for group in sorted(result["groups"], key=_group_order):
     c = group["config"]
@@ -62,6 +69,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
   if result["preset"] == "study-sweep":
     lines += transfer_lines(result)
+  elif result["preset"] == "study-grouped-sweep":
+    pass  # per G, the rows above; the grouped table chooses from them.
+  elif any(r["setting"].get("num_groups", 1) > 1 for g in result["groups"] for r in g["rows"]):
+    lines += grouped_lines(result)
   else:
     lines += comparison_lines(result)
     lines += cheap_lines(result)
@@ -103,6 +114,8 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
     where = f"{c['model']}, {'aug' if c['augment'] else 'no aug'}"
     for a in amp:
       for s_ in sam:
+        if a["setting"].get("num_groups", 1) != s_["setting"].get("num_groups", 1):
+          continue
         common = sorted(set(a["runs"]) & set(s_["runs"]), key=int)
         d = paired_ci([a["runs"][k]["test_acc"] for k in common],
                       [s_["runs"][k]["test_acc"] for k in common])
@@ -130,6 +143,57 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
   if len(cheap) > 6:
     out += cheap + [""]
   return out
+
+
+def grouped_lines(result: dict[str, Any]) -> list[str]:
+  """Grouped ascent (issue 17): per method and m, the gain over ERM, the paired difference to
+  the same method at m = the whole batch, and to ERM with the same ghost batch norm."""
+  lines = ["## Grouped ascent (m-sharpness): gain per m, paired by seed", "",
+           "m: examples per perturbation (batch / G). Each AMP epsilon and SAM rho is chosen on "
+           "validation for its own m (the settings above). Gain: test accuracy − ERM's; vs m = "
+           "batch: − the same method's at m = the whole batch; vs ghost-BN ERM: − ERM with "
+           "BatchNorm statistics per group of m (what the grouped step is at epsilon 0, so "
+           "this isolates the per-group ascent from the per-group statistics). Points, 95% "
+           "t-intervals. Step time / ERM: the interleaved timing below.", "",
+           "| model | method | m | setting | n | test acc % | gain vs ERM | vs m = batch | "
+           "vs ghost-BN ERM, same m | step time / ERM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  times = {(m, r["label"]): r["ratio_vs_erm"] for m, rows in result.get("step_time", {}).items()
+           for r in rows}
+  n_rows = len(lines)
+  for g in sorted(result["groups"], key=_group_order):
+    c = g["config"]
+    rows = [r for r in g["rows"] if r["runs"]]
+    chosen = [result.get("choices", {}).get(c["model"], {}),
+              *result.get("grouped_choices", {}).get(c["model"], {}).values()]
+    labels = {Setting(**x[k]).label for x in chosen for k in ("amp", "sam") if k in x}
+    by = {(r["setting"]["method"], r["setting"].get("num_groups", 1)): r for r in rows
+          if r["setting"]["method"] == "erm" or r["label"] in labels}
+    erm = by.get(("erm", 1))
+    if erm is None:
+      continue
+    order = sorted(by, key=lambda k: (("erm", "amp", "sam").index(k[0]), k[1]))
+    for method, groups in order:
+      r = by[(method, groups)]
+      refs = [erm, by.get((method, 1)), by.get(("erm", groups))]
+      common = sorted(set(r["runs"]).intersection(*[x["runs"] for x in refs if x]), key=int)
+      if not common:
+        continue
+      acc = [r["runs"][k]["test_acc"] for k in common]
+
+      def diff(ref, skip, acc=acc, common=common):
+        if ref is None or skip:
+          return "—"
+        return _ci(paired_ci(acc, [ref["runs"][k]["test_acc"] for k in common]))
+
+      step = times.get((c["model"], r["label"]))
+      lines.append(
+          f"| {c['model']} | {method.upper()} | {c['batch_size'] // groups} | {r['label']} | "
+          f"{len(common)} | {100 * np.mean(acc):.2f} | {diff(erm, r is erm)} | "
+          f"{diff(refs[1], groups == 1 or method == 'erm')} | "
+          f"{diff(refs[2], groups == 1 or method == 'erm')} | "
+          f"{'—' if step is None else f'{step:.2f}'} |")
+  return lines + [""] if len(lines) > n_rows else []
 
 
 def _ci(d: dict[str, Any], scale: float = 100.0) -> str:

@@ -13,11 +13,13 @@ import optax
 
 import amp_optax
 from amp_optax import diagnostics
+from amp_optax import flax_linen
 from benchmarks.study.data import MEAN
 from benchmarks.study.data import STD
 from benchmarks.study.data import Data
 from benchmarks.study.models import get_model
 from benchmarks.study.presets import LATE_FRACTION
+from benchmarks.study.presets import SAM_INNER_LR
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
 from benchmarks.study.presets import calls_per_step
@@ -40,7 +42,16 @@ def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.Gradien
   """SGD (Nesterov, decoupled weight decay, cosine decay), plain or under AMP or SAM."""
   base = _base(config, total_steps)
   if setting.method == "erm":
-    return base
+    return base  # with num_groups > 1 the step averages the groups' gradients itself.
+  if setting.num_groups > 1 and setting.method == "sam":
+    return optax.chain(amp_optax.amp(setting.rho, inner_lr=SAM_INNER_LR, norm="global",
+                                     num_groups=setting.num_groups), base)
+  if setting.num_groups > 1:
+    if setting.ascent_every > 1 or setting.variant:
+      raise ValueError(f"{setting.label}: grouping is studied with the full step only")
+    return optax.chain(amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1,
+                                     norm=setting.norm, radius=setting.radius,
+                                     num_groups=setting.num_groups), base)
   if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
     # The base optimiser's schedule counts descent steps (total_steps of them).
     return amp_optax.drop_in_amp(
@@ -59,14 +70,19 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def _inputs(images, key, augment: bool):
+  """The network's input for a uint8 batch: augmented (crop and flip drawn from ``key``) or not,
+  then normalised."""
+  if augment:
+    return cifar_data.augment(key, images, MEAN, STD)
+  return cifar_data.normalize(images, MEAN, STD)
+
+
 def _losses(model: nn.Module, augment: bool):
-  """``(images, labels, key, batch_stats) -> (x, loss_fn)`` for one batch."""
+  """``(images, labels, key, batch_stats) -> loss_fn`` for one batch."""
 
   def batch_loss(images, labels, key, batch_stats):
-    if augment:
-      x = cifar_data.augment(key, images, MEAN, STD)
-    else:
-      x = cifar_data.normalize(images, MEAN, STD)
+    x = _inputs(images, key, augment)
 
     def loss_fn(p):
       logits, new_vars = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
@@ -104,6 +120,40 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     params = optax.apply_updates(params, updates)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return params, new_stats, opt_state, loss, acc
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_grouped_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: bool,
+                            num_groups: int, ascent: bool):
+  """The grouped step (``num_groups`` G > 1), with :func:`make_train_step`'s signature.
+
+  The batch (augmented as a whole, as in :func:`make_train_step`) is split into G groups of
+  consecutive examples; :func:`amp_optax.flax_linen.grouped_value_and_grad` gives each group's
+  clean pass (BatchNorm with the group's statistics: ghost batch norm) and the per-group
+  ``grad_fn``; the new running statistics are the mean of the groups'. ``ascent=False`` (the
+  ghost-BN ERM control): the mean of the groups' clean gradients goes to ``tx`` directly.
+  """
+  def loss_fn(params, batch_stats, batch, rng):
+    del rng  # no dropout; augmentation is drawn for the whole batch before grouping.
+    x, y = batch
+    logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                   mutable=["batch_stats"])
+    return jnp.mean(cross_entropy(logits, y)), (logits, new_vars)
+
+  def step(params, batch_stats, opt_state, images, labels, key):
+    x = _inputs(images, key, augment)
+    grouped = amp_optax.group_batch((x, labels), num_groups)
+    (losses, logits), new_stats, grads, grad_fn = flax_linen.grouped_value_and_grad(
+        loss_fn, params, batch_stats, grouped, has_aux=True)
+    if ascent:
+      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    else:
+      mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+      updates, opt_state = tx.update(mean, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    acc = jnp.mean(jnp.argmax(logits.reshape(labels.shape + logits.shape[-1:]), -1) == labels)
+    return params, new_stats, opt_state, jnp.mean(losses), acc
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
@@ -199,6 +249,9 @@ def make_runner(model: nn.Module, setting: Setting, config: Config, total_steps:
   if setting.method == "amp" and setting.variant == "late":
     return make_late(model, setting, config, total_steps)
   tx = make_tx(setting, config, total_steps)
+  if setting.num_groups > 1:
+    return tx.init, make_grouped_train_step(model, tx, config.augment, setting.num_groups,
+                                            ascent=setting.method != "erm")
   plain = setting.method == "amp" and setting.variant in ("momentum", "drop-in")
   return tx.init, make_train_step(model, tx, config.augment, plain=plain)
 
