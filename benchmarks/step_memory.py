@@ -9,7 +9,8 @@ buffer assignment, not a run, gives the figures.
 Models: ``preactresnet18`` and ``small`` (the CIFAR models, batch statistics included) and
 ``mlp`` (four 1024x1024 layers at batch 8, where the parameters dominate memory as in large
 models), with grouped AMP rows (``num_groups=4``: four stacked per-group gradients on one
-device).
+device), and the same steps compiled for 4 (CPU) devices with the batch, and the group axis,
+sharded over them: per-device memory beyond the sharded ERM step's, one group per device.
 
 Run from the repository root::
 
@@ -88,6 +89,43 @@ def grouped_memory(name: str, k: int, norm: str, groups: int,
   return step_time.memory_stats(lowered.compile())
 
 
+SHARDED_DEVICES = 4
+
+
+def sharded_memory(args: argparse.Namespace) -> dict[str, Any]:
+  """Per-device memory of the MLP steps compiled for :data:`SHARDED_DEVICES` devices.
+
+  The parameters and optimiser state replicated, the batch sharded over a ``"data"`` mesh axis
+  (for grouped AMP the batch's leading axis splits into the groups, so each device holds its
+  groups): ERM, ungrouped AMP K = 1 (global), and AMP K = 1 with one group per device.
+  """
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  n = SHARDED_DEVICES
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  base = optax.chain(optax.add_decayed_weights(args.weight_decay),
+                     optax.sgd(args.lr, momentum=0.9, nesterov=True))
+  cases = {
+      f"ERM, {n} devices": (base, None),
+      f"AMP K=1 global, {n} devices": (
+          optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, 1, "global"), base), None),
+      f"AMP K=1 global, {n} groups on {n} devices": (
+          optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, 1, "global", num_groups=n),
+                      base), n),
+  }
+  params = mlp_params()
+  batch = max(args.batch_size, n) // n * n
+  x = jnp.ones((batch, params[0]["w"].shape[0]))
+  out = {}
+  for name, (tx, groups) in cases.items():
+    step = jax.jit(mlp_step(tx, groups), donate_argnums=0, in_shardings=(replicated, data),
+                   out_shardings=replicated)
+    out[name] = step_time.memory_stats(step.lower((params, tx.init(params)), x).compile())
+  return out
+
+
 def compiled_memory(variant: step_time.Variant, args: argparse.Namespace) -> tuple[Any, int]:
   """The memory stats of one variant's compiled step, and the parameters' bytes."""
   tx = step_time.make_optimizer(variant, args)
@@ -120,12 +158,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   rows = [{"name": name, "temp_bytes": s["temp_size_in_bytes"],
            "extra_temp_param_copies": (s["temp_size_in_bytes"] - erm) / param_bytes}
           for name, s in stats.items()]
+  sharded_rows = []
+  if args.model == "mlp" and jax.device_count() >= SHARDED_DEVICES:
+    sharded = sharded_memory(args)
+    sharded_erm = next(iter(sharded.values()))["temp_size_in_bytes"]
+    sharded_rows = [{"name": name, "temp_bytes_per_device": s["temp_size_in_bytes"],
+                     "extra_temp_param_copies_per_device":
+                         (s["temp_size_in_bytes"] - sharded_erm) / param_bytes}
+                    for name, s in sharded.items()]
   sam = next(r for r in rows if r["name"].startswith("SAM"))["extra_temp_param_copies"]
   for r in rows:
     r["minus_sam"] = r["extra_temp_param_copies"] - sam
   device = jax.devices()[0]
   out = {"benchmark": "step_memory", "model": args.model, "batch_size": args.batch_size,
-         "param_bytes": param_bytes, "rows": rows,
+         "param_bytes": param_bytes, "rows": rows, "sharded_rows": sharded_rows,
          "environment": {"platform": device.platform, "jax": jax.__version__,
                          "optax": optax.__version__, "python": platform.python_version()}}
   path = args.out or os.path.join(step_time.RESULTS_DIR,
@@ -143,6 +189,11 @@ def format_report(out: dict[str, Any]) -> str:
            f"{'row':28s} {'extra':>8s} {'vs SAM':>8s}"]
   for r in out["rows"]:
     lines.append(f"{r['name']:28s} {r['extra_temp_param_copies']:+8.3f} {r['minus_sam']:+8.3f}")
+  if out.get("sharded_rows"):
+    lines += ["", f"compiled for {SHARDED_DEVICES} devices (batch / group axis sharded): "
+              "temporary memory per device beyond the sharded ERM step's, in parameter copies"]
+    for r in out["sharded_rows"]:
+      lines.append(f"{r['name']:36s} {r['extra_temp_param_copies_per_device']:+8.3f}")
   return "\n".join(lines)
 
 
@@ -160,7 +211,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  out = run(parse_args(argv))
+  args = parse_args(argv)
+  if args.model == "mlp" and "xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", ""):
+    try:  # CPU devices for the sharded rows
+      jax.config.update("jax_num_cpu_devices", SHARDED_DEVICES)
+    except RuntimeError:
+      pass  # the backend is already up (called from a test): use its devices.
+  out = run(args)
   print(format_report(out))
   return out
 

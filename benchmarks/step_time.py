@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 import amp_optax
+from amp_optax import flax_linen
 from examples.cifar import models as cifar_models
 
 MODELS = {"small": "tiny_cnn", "preactresnet18": "preactresnet18"}
@@ -74,6 +75,9 @@ class Variant:
   drop_in: str | None = None
   # ERM, then AMP for the last quarter of training: timed as 3 ERM-like steps + 1 AMP step.
   late: bool = False
+  # amp(num_groups=G): grouped ascent (m-sharpness), per-group passes under one jax.vmap
+  # (amp_optax.flax_linen.grouped_value_and_grad, BatchNorm per group).
+  num_groups: int | None = None
 
   @property
   def grad_evals(self) -> float:
@@ -95,7 +99,8 @@ class Variant:
     return self.ascent_every if self.python_driven else None
 
 
-def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
+def variants(inner_steps: tuple[int, ...], with_torch: bool,
+             batch_size: int = 128) -> list[Variant]:
   """The rows of the time table, ERM first in each framework."""
   out = [Variant("ERM", "jax", "erm")]
   for norm in ("per_tensor", "global"):
@@ -119,6 +124,9 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool) -> list[Variant]:
           Variant("AMP K=1 per_tensor late 25%", "jax", "amp", 1, "per_tensor", late=True),
           Variant("AMP K=1 per_tensor every 8 reuse py", "jax", "amp", 1, "per_tensor",
                   ascent_every=8, between_ascents="reuse", python_driven=True)]
+  # Grouped ascent (issue 17): G groups of batch / G examples, each with its own Delta.
+  out += [Variant(f"AMP K=1 global G={g}", "jax", "amp", 1, "global", num_groups=g)
+          for g in (4, 16) if batch_size % g == 0]
   if with_torch:
     out.append(Variant("ERM", "torch", "erm"))
     out += [Variant(f"AMP K={k} per_tensor", "torch", "amp", k, "per_tensor")
@@ -139,19 +147,23 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
     return optax.chain(
         amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
                       unroll=variant.unroll, ascent_every=variant.ascent_every,
-                      between_ascents=variant.between_ascents), base)
+                      between_ascents=variant.between_ascents,
+                      num_groups=variant.num_groups), base)
   adv = optax.chain(optax.contrib.normalize(), optax.sgd(hp.rho))
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation,
-                    ascend: bool | None = None, plain: bool = False) -> Callable[..., Any]:
+                    ascend: bool | None = None, plain: bool = False,
+                    num_groups: int | None = None) -> Callable[..., Any]:
   """A train step ``(state, x, y) -> (state, loss)``; ``state = (params, batch_stats, opt)``.
 
   The clean pass updates the BatchNorm statistics; ``grad_fn`` (called by AMP and SAM at
   perturbed parameters) normalises with batch statistics too and discards their update.
   ``ascend`` (AMP only) is passed on to ``tx.update`` when not None. ``plain``: no
   ``grad_fn`` (the unchanged step :func:`amp_optax.drop_in_amp` is made for).
+  ``num_groups``: the grouped step (per-group clean passes and ``grad_fn`` from
+  :func:`amp_optax.flax_linen.grouped_value_and_grad`, new statistics the groups' mean).
   """
   extra = {} if ascend is None else {"ascend": ascend}
   def loss_fn(params, batch_stats, x, y):
@@ -159,6 +171,17 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
                                    train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_vars["batch_stats"]
+
+  def grouped_step(state, x, y):
+    params, batch_stats, opt_state = state
+    loss, new_stats, grads, grad_fn = flax_linen.grouped_value_and_grad(
+        lambda p, s, b, _: loss_fn(p, s, *b), params, batch_stats,
+        amp_optax.group_batch((x, y), num_groups))
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), jnp.mean(loss)
+
+  if num_groups is not None:
+    return grouped_step
 
   def step(state, x, y):
     params, batch_stats, opt_state = state
@@ -209,8 +232,8 @@ class JaxRunner:
     self.x, self.y = x, y
     self.every = variant.period
     plain = variant.drop_in is not None
-    step = jax.jit(make_train_step(model, tx, True if self.every else None, plain),
-                   donate_argnums=0)
+    step = jax.jit(make_train_step(model, tx, True if self.every else None, plain,
+                                   variant.num_groups), donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(self.state, x, y)
     t1 = time.perf_counter()
@@ -360,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   else:
     notes.append("PyTorch rows skipped (--no-torch).")
 
-  rows = variants(tuple(args.inner_steps), torch_model is not None)
+  rows = variants(tuple(args.inner_steps), torch_model is not None, args.batch_size)
   runners = []
   for v in rows:
     if v.framework == "jax":
