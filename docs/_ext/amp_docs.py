@@ -281,13 +281,17 @@ def render_other(data: dict[str, Any], name: str) -> str:
   lines = [f"### {title} ({platform_of(data)})", "", f"`{name}` · {_machine(env)}", ""]
   if data.get("command"):
     lines += ["```bash", str(data["command"]), "```", ""]
-  rows = data.get("rows")
-  if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-    keys: list[str] = []
-    for r in rows:
-      keys += [k for k, v in r.items() if _scalar(v) and k not in keys]
-    lines += _table(keys, [[_fmt(r.get(k), ".4g") if isinstance(r.get(k), float)
-                            else r.get(k, "") for k in keys] for r in rows])
+  tables = {k: v for k, v in data.items() if k.endswith("rows") and isinstance(v, list) and v
+            and all(isinstance(r, dict) for r in v)}
+  if "rows" in tables:
+    for key, rows in tables.items():  # "rows", then e.g. "sharded_rows", each a table
+      keys: list[str] = []
+      for r in rows:
+        keys += [k for k, v in r.items() if _scalar(v) and k not in keys]
+      if key != "rows":
+        lines += [f"`{key}`:", ""]
+      lines += _table(keys, [[_fmt(r.get(k), ".4g") if isinstance(r.get(k), float)
+                              else r.get(k, "") for k in keys] for r in rows])
   elif isinstance(data.get("markdown"), str):
     # Headings in the benchmark's own markdown would break this page's outline: bold instead.
     for line in data["markdown"].splitlines():
