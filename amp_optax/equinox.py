@@ -20,6 +20,9 @@ module provides:
   the clean pass's arguments.
 * :func:`amp_step`: the clean pass, ``tx.update`` and
   ``eqx.apply_updates`` in one call.
+* :func:`grouped_value_and_grad`: per-group passes for
+  ``amp(..., num_groups=G)``; an ``eqx.nn.State`` is passed to every group
+  as is, and the new state is the mean over groups of the clean passes'.
 
 Equinox's MNIST step takes AMP with two changed lines, plus ``amp`` first in
 the optimiser's chain and the imports (in all: 3 lines changed, 2 added)::
@@ -77,6 +80,7 @@ from collections.abc import Callable
 from typing import Any
 
 from amp_optax import _extras
+from amp_optax import _grouped
 
 try:
   import equinox as eqx
@@ -301,19 +305,40 @@ def grouped_value_and_grad(
   """Per-group losses and gradients of a model, and the ``grad_fn`` for grouped AMP.
 
   For ``amp(..., num_groups=G)`` (one Delta per group of examples):
-  ``grouped_value_and_grad(loss_fn)(model, *grouped_args)`` vmaps
-  ``loss_fn(model, *args)`` over the leading group axis of every argument
-  (split a batch with :func:`amp_optax.group_batch`) and returns ``(out,
-  grads, amp_grad_fn)``: the per-group loss (or ``(loss, aux)``) and
+  ``grouped_value_and_grad(loss_fn, has_aux=...)(model, *grouped_args)``
+  vmaps ``loss_fn(model, *args)`` over the leading group axis of the
+  arguments (split a batch with :func:`amp_optax.group_batch`) and returns
+  ``(out, grads, amp_grad_fn)``: the per-group loss (or ``(loss, aux)``) and
   gradients w.r.t. the model's floating arrays (``None`` elsewhere, as
-  ``eqx.filter_grad`` gives), stacked on the group axis, and the
-  ``grad_fn`` that evaluates each group's gradient at its own perturbed
-  parameters. Pass ``eqx.filter(model, eqx.is_inexact_array)`` as the
-  params of ``tx.update``.
+  ``eqx.filter_grad`` gives), stacked on the group axis, and the ``grad_fn``
+  that evaluates each group's gradient at its own perturbed parameters. Pass
+  ``eqx.filter(model, eqx.is_inexact_array)`` as the params of ``tx.update``.
 
-  Stateless models only: an ``eqx.nn.State`` among the arguments raises (its
-  batch statistics would need a per-group policy, which this helper does not
-  choose for you).
+  Stateful models (``eqx.nn.BatchNorm`` with an ``eqx.nn.State``), with the
+  policy of :func:`amp_optax.flax_linen.grouped_value_and_grad`:
+
+  * An ``eqx.nn.State`` among the arguments (at the top level or inside one)
+    is not grouped: every group gets it as it is (``jax.vmap`` with
+    ``in_axes=None``); every other argument has the leading group axis. Pass
+    the state as it is, not through :func:`amp_optax.group_batch`: a State
+    whose arrays were given a group axis is still broadcast, not split.
+  * Each group's clean pass is ``loss_fn(model, *args)`` on its own examples,
+    so a BatchNorm that the loss vmaps over the examples (``axis_name``)
+    normalises with the group's statistics (ghost batch norm), every group
+    starting from the incoming state.
+  * With ``has_aux=True`` (the loss returns ``(loss, state)``, or ``(loss,
+    aux)`` with States in ``aux``) each ``eqx.nn.State`` in the returned
+    ``aux`` is the mean over groups of the groups' new states (floating
+    arrays averaged, others group 0's): the state for the next step. The
+    rest of ``aux`` and the loss (shape ``(G,)``) stay stacked per group.
+  * ``amp_grad_fn`` starts every group's perturbed pass from the incoming
+    state (each pass gets its own copy), never from the clean pass's new
+    one, and discards the perturbed passes' new states. So with
+    ``epsilon=0`` the step is ERM on the ghost-BN loss (the mean over
+    groups of each group's gradient), state included.
+
+  An ``eqx.nn.State`` among the arguments with ``has_aux=False`` raises a
+  ``TypeError``: the new state would be lost.
 
   Examples:
     >>> import equinox as eqx, jax, jax.numpy as jnp, optax, amp_optax
@@ -330,38 +355,105 @@ def grouped_value_and_grad(
     >>> losses.shape, updates.weight.shape
     ((4,), (1, 3))
 
+    A stateful model: the state is passed as it is, the batch grouped.
+
+    >>> class Net(eqx.Module):
+    ...   linear: eqx.nn.Linear
+    ...   norm: eqx.nn.BatchNorm
+    ...   def __init__(self, key):
+    ...     self.linear = eqx.nn.Linear(2, 3, key=key)
+    ...     self.norm = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
+    ...   def __call__(self, x, state):
+    ...     return self.norm(self.linear(x), state)
+    >>> def compute_loss(model, state, xs, ys):
+    ...   batch_model = jax.vmap(model, axis_name="batch", in_axes=(0, None),
+    ...                          out_axes=(0, None))
+    ...   pred_ys, state = batch_model(xs, state)
+    ...   return jnp.mean((pred_ys - ys) ** 2), state
+    >>> model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+    >>> optim = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+    >>> @eqx.filter_jit
+    ... def make_step(model, state, opt_state, xs, ys):
+    ...   (losses, state), grads, amp_grad_fn = amp_eqx.grouped_value_and_grad(
+    ...       compute_loss, has_aux=True)(model, state, *amp_optax.group_batch((xs, ys), 4))
+    ...   params = eqx.filter(model, eqx.is_inexact_array)
+    ...   updates, opt_state = optim.update(grads, opt_state, params, grad_fn=amp_grad_fn)
+    ...   return eqx.apply_updates(model, updates), state, opt_state, losses
+    >>> xs = jax.random.normal(jax.random.key(1), (16, 2))
+    >>> model, state, opt_state, losses = make_step(model, state, opt_state, xs, xs[:, :1])
+    >>> losses.shape, state.get(model.norm.batch_state_index)[0].shape  # one state, not 4
+    ((4,), (3,))
+
   Args:
     loss_fn: ``loss_fn(model, *args)`` returning one group's mean loss, or
-      ``(loss, aux)`` if ``has_aux``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      ``(loss, aux)`` (e.g. ``(loss, state)``) if ``has_aux``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; required with an
+      ``eqx.nn.State`` among the arguments.
 
   Returns:
     A function of ``(model, *grouped_args)`` returning ``(out, grads,
-    amp_grad_fn)``.
+    amp_grad_fn)``: ``out`` the per-group loss, or ``(loss, aux)`` with each
+    ``eqx.nn.State`` of ``aux`` averaged over groups; ``grads`` the per-group
+    gradients (``updates`` for ``amp``); ``amp_grad_fn`` for
+    ``tx.update(..., grad_fn=)``.
   """
+  where = "amp_optax.equinox.grouped_value_and_grad"
+
+  def is_state(x: Any) -> bool:
+    return isinstance(x, eqx.nn.State)
+
+  def has_state(tree: Any) -> bool:
+    return any(map(is_state, jax.tree.leaves(tree, is_leaf=is_state)))
+
+  def group_axes(arg: Any) -> Any:
+    """vmap's in_axes for one argument: ``None`` (broadcast) at each State, 0 elsewhere."""
+    if not has_state(arg):
+      return 0
+    return jax.tree.map(lambda x: None if is_state(x) else 0, arg, is_leaf=is_state)
+
+  def mean_states(aux: Any, groups: int) -> Any:
+    """Each State of ``aux`` (stacked on the group axis) averaged over groups."""
+    def mean(x):
+      if not is_state(x):
+        return x
+      leaves, treedef = jax.tree.flatten(x)
+      return jax.tree.unflatten(treedef, _grouped.mean_leaves(leaves, groups))
+    return jax.tree.map(mean, aux, is_leaf=is_state)
 
   def value_grads_and_grad_fn(model: Any, *grouped_args: Any) -> tuple[Any, Any, GradFn]:
-    if any(isinstance(x, eqx.nn.State) for x in jax.tree.leaves(
-        grouped_args, is_leaf=lambda x: isinstance(x, eqx.nn.State))):
+    stateful = has_state(grouped_args)
+    if stateful and not has_aux:
       raise TypeError(
-          "amp_optax.equinox.grouped_value_and_grad(): an eqx.nn.State is among the arguments; "
-          "grouped ascent here supports stateless models only. Use amp(..., num_groups=None) "
-          "with amp_eqx.value_and_grad for a stateful model.")
+          f"{where}(): an eqx.nn.State is among the arguments but has_aux=False, so the new "
+          "state that loss_fn returns would be lost. Pass has_aux=True with a loss_fn that "
+          "returns (loss, state) (or (loss, aux) with the State in aux); has_aux=False is for "
+          "stateless models only.")
     params, static = eqx.partition(model, eqx.is_inexact_array)
+    # Leaves and structure, not the objects: an eqx.nn.State is invalidated by the first
+    # state.set() on it, so every pass (clean and perturbed) gets a fresh copy of the arguments.
+    arg_leaves, args_def = jax.tree.flatten(grouped_args)
+
+    def args_for_a_pass() -> Any:
+      return jax.tree.unflatten(args_def, arg_leaves) if stateful else grouped_args
 
     def loss_of_params(p, *args):
       out = loss_fn(eqx.combine(p, static), *args)
-      _check_loss_output(out, has_aux, "amp_optax.equinox.grouped_value_and_grad")
+      _check_loss_output(out, has_aux, where)
       return out
 
-    axes = (0,) * len(grouped_args)
+    axes = tuple(group_axes(arg) for arg in grouped_args)
     value_and_grad = jax.value_and_grad(loss_of_params, has_aux=has_aux)
-    out, grads = jax.vmap(value_and_grad, in_axes=(None, *axes))(params, *grouped_args)
+    out, grads = jax.vmap(value_and_grad, in_axes=(None, *axes))(params, *args_for_a_pass())
+    if has_aux:
+      loss, aux = out
+      out = (loss, mean_states(aux, jnp.shape(loss)[0]))
     per_group = jax.vmap(jax.grad(loss_of_params, has_aux=has_aux), in_axes=(0, *axes))
 
     def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
       del inner_step
-      grads = per_group(stacked_params, *grouped_args)
+      # From the incoming state: the perturbed passes' new states (the aux) are discarded.
+      grads = per_group(stacked_params, *args_for_a_pass())
       return grads[0] if has_aux else grads
 
     return out, grads, amp_grad_fn
