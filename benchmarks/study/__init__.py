@@ -17,6 +17,11 @@ not redone; partial results are written after every run)::
     python -m benchmarks.study --preset study-cheap   # AMP at ERM's cost (issue 16): ERM, AMP
                                                        #   and four cheaper variants at AMP's
                                                        #   epsilon, 5 paired seeds, no aug
+    python -m benchmarks.study --preset study-grouped-sweep  # grouped ascent (issue 17): per G
+                                                       #   (4, 20 at batch 100) AMP's epsilon
+                                                       #   and SAM's rho, 2 seeds, no aug
+    python -m benchmarks.study --preset study-grouped  # m = 100, 25, 5: ERM (ghost-BN
+                                                       #   control per m), AMP, SAM, 5 seeds
     python -m benchmarks.study --preset study-smoke   # CI: synthetic data, a tiny model
 
 Several processes may fill one table at once (``--models``, ``--blocks``, ``--methods`` split
@@ -36,6 +41,16 @@ as the others', so it sees twice the batches, at full AMP's cost), AMP on the la
 steps only (``update(..., ascend=)`` decided in Python), and ``ascent_every=8`` with
 ``"reuse"``; drop-in runs are evaluated at :func:`amp_optax.unperturbed_params`. Its markdown
 reports the gain each keeps relative to full AMP (Fieller interval) and the step time vs ERM.
+
+``study-grouped-sweep`` and ``study-grouped`` study grouped ascent (``amp(...,
+num_groups=G)``, one perturbation per group of m = 100 / G examples, BatchNorm per group):
+the sweep searches the ``study_final.json`` AMP row's (radius, norm) family two x3 steps
+further down than the ungrouped grid, and SAM's rho (grouped SAM is
+``amp(rho, norm="global", inner_lr=1e6, num_groups=G)``: each group's step to the sphere
+along its own gradient), per G, on validation; the table adds per G an ERM with the same
+ghost batch norm (the grouped step at epsilon 0), and takes its m = 100 rows (ERM, AMP, SAM)
+from ``study_final.json`` (the same runs, not retrained). Its markdown reports per m the gain
+over ERM, the difference to the same method at m = 100 and to the ghost-BN ERM of the same m.
 
 The cheaper step (``ascent_every`` > 1) is trained Python-dispatched (two jitted steps, see
 :func:`runner.make_python_dispatched`): the library's ``lax.cond`` form does the same

@@ -264,9 +264,12 @@ def _merge_from_disk(result: dict[str, Any], json_path: str) -> None:
     return
   with open(json_path) as f:
     disk = json.load(f)
-  for key in ("choices", "step_time", "grouped_choices"):
+  for key in ("choices", "step_time"):
     for model, value in disk.get(key, {}).items():
       result.setdefault(key, {}).setdefault(model, value)
+  for model, per_group in disk.get("grouped_choices", {}).items():
+    for groups, choice in per_group.items():  # per G: processes may choose different G's
+      result.setdefault("grouped_choices", {}).setdefault(model, {}).setdefault(groups, choice)
   if "step_time_batch" in disk:
     result.setdefault("step_time_batch", disk["step_time_batch"])
   for dgroup in disk.get("groups", []):

@@ -104,7 +104,7 @@ _REAL = dict(models=("small", "mid"), train_size=1000, val_size=500, test_size=2
 # divisor of 100 nearest to 1/16; batch 100 is kept so that the m = whole-batch rows are
 # study_final's).
 GROUPS = (4, 20)
-GROUPED_SAM_RHOS = (0.02, *SAM_RHOS)
+GROUPED_SAM_RHOS = (0.01, 0.02, *SAM_RHOS)
 SAM_INNER_LR = 1e6  # inner_lr * ||g|| >= rho: amp's step lands on the sphere, as SAM's does.
 PRESETS: dict[str, dict[str, Any]] = {
     "study-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS),
@@ -196,9 +196,10 @@ def grouped_sweep_settings(amp_choice: Setting, groups: tuple[int, ...],
                            smoke: bool) -> list[Setting]:
   """Per G: AMP over the sweep grid of ``amp_choice``'s (radius, norm), and SAM's rhos."""
   grid = SWEEP_GRID[(amp_choice.radius, amp_choice.norm)]
-  # One x3 step below the ungrouped grid: a group's own gradient is noisier and larger than the
-  # batch's, so the best radius can be smaller (at m = 5 it was the old grid's lowest).
-  grid = (round(grid[0] / 3, 4), *grid)
+  # Two x3 steps below the ungrouped grid: a group's own gradient is noisier and larger than
+  # the batch's, so the best radius is smaller (validation chose the lowest point of the grid
+  # with one step added, on mid).
+  grid = (float(f"{grid[0] / 9:.1g}"), float(f"{grid[0] / 3:.1g}"), *grid)
   settings = []
   for g in groups:
     settings += [Setting("amp", epsilon=e, norm=amp_choice.norm, radius=amp_choice.radius,
