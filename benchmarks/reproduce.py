@@ -23,7 +23,7 @@ Presets (any flag given explicitly overrides the preset)::
     python -m benchmarks.reproduce --preset gpu          # PreActResNet18, all 50,000, 3 seeds
     python -m benchmarks.reproduce --preset paper        # + the paper's 200 epochs, batch 50
     python -m benchmarks.reproduce --smoke               # CI: seconds, synthetic data
-    python -m benchmarks.reproduce --preset study-sweep  # the CPU study (benchmarks/study.py):
+    python -m benchmarks.reproduce --preset study-sweep  # the CPU study (benchmarks/study/):
     python -m benchmarks.reproduce --preset study-final  #   epsilon/rho sweeps, then 5 seeds
 
 Writes ``reproduce_<preset>[_sweep].json`` and ``.md`` to ``benchmarks/results/`` (or ``--out``).

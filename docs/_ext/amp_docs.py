@@ -5,7 +5,7 @@ Before Sphinx reads the sources (``config-inited``) this writes, under ``docs/ge
 
 * ``results_step_time.md``, ``results_reproduce.md``, ``results_study.md`` and
   ``results_other.md``: Markdown tables rendered from the JSON that ``benchmarks/step_time.py``,
-  ``benchmarks/reproduce.py``, ``benchmarks/study.py`` and any other benchmark wrote, each with
+  ``benchmarks/reproduce.py``, ``benchmarks/study/`` and any other benchmark wrote, each with
   the command that makes it and the machine it ran on; ``docs/benchmarks.md`` includes them;
 * ``results_status.md``: which platforms the figures come from, and that GPU figures are missing
   while no JSON says it ran on a GPU;
@@ -176,7 +176,7 @@ def render_reproduce(data: dict[str, Any], name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# study.py
+# benchmarks/study/
 
 
 def _setting_label(row: dict[str, Any]) -> str:
