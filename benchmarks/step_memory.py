@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import amp_optax
 from benchmarks import step_time
 from examples.cifar import models as cifar_models
 
@@ -50,9 +49,12 @@ def mlp_params(width: int = 1024, depth: int = 4) -> Any:
 
 
 # Grouped AMP (num_groups=G) rows, MLP only: the per-group gradients are G stacked copies.
-GROUPED_ROWS = (("AMP K=1 per_tensor, 4 groups", 1, "per_tensor", 4),
-                ("AMP K=1 global, 4 groups", 1, "global", 4),
-                ("AMP K=2 global, 4 groups", 2, "global", 4))
+GROUPED_ROWS = (
+    step_time.Variant("AMP K=1 per_tensor, 4 groups", "jax", "amp", 1, "per_tensor",
+                      num_groups=4),
+    step_time.Variant("AMP K=1 global, 4 groups", "jax", "amp", 1, "global", num_groups=4),
+    step_time.Variant("AMP K=2 global, 4 groups", "jax", "amp", 2, "global", num_groups=4),
+)
 
 
 def mlp_step(tx: optax.GradientTransformation, groups: int | None = None) -> Any:
@@ -77,18 +79,6 @@ def mlp_step(tx: optax.GradientTransformation, groups: int | None = None) -> Any
   return step
 
 
-def grouped_memory(name: str, k: int, norm: str, groups: int,
-                   args: argparse.Namespace) -> Any:
-  tx = optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, k, norm, num_groups=groups),
-                   optax.chain(optax.add_decayed_weights(args.weight_decay),
-                               optax.sgd(args.lr, momentum=0.9, nesterov=True)))
-  params = mlp_params()
-  x = jnp.ones((args.batch_size, params[0]["w"].shape[0]))
-  lowered = jax.jit(mlp_step(tx, groups), donate_argnums=0).lower((params, tx.init(params)), x)
-  del name
-  return step_time.memory_stats(lowered.compile())
-
-
 SHARDED_DEVICES = 4
 
 
@@ -105,24 +95,19 @@ def sharded_memory(args: argparse.Namespace) -> dict[str, Any]:
   n = SHARDED_DEVICES
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  base = optax.chain(optax.add_decayed_weights(args.weight_decay),
-                     optax.sgd(args.lr, momentum=0.9, nesterov=True))
-  cases = {
-      f"ERM, {n} devices": (base, None),
-      f"AMP K=1 global, {n} devices": (
-          optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, 1, "global"), base), None),
-      f"AMP K=1 global, {n} groups on {n} devices": (
-          optax.chain(amp_optax.amp(args.epsilon, args.inner_lr, 1, "global", num_groups=n),
-                      base), n),
-  }
+  cases = (step_time.Variant(f"ERM, {n} devices", "jax", "erm"),
+           step_time.Variant(f"AMP K=1 global, {n} devices", "jax", "amp", 1, "global"),
+           step_time.Variant(f"AMP K=1 global, {n} groups on {n} devices", "jax", "amp", 1,
+                             "global", num_groups=n))
   params = mlp_params()
   batch = max(args.batch_size, n) // n * n
   x = jnp.ones((batch, params[0]["w"].shape[0]))
   out = {}
-  for name, (tx, groups) in cases.items():
-    step = jax.jit(mlp_step(tx, groups), donate_argnums=0, in_shardings=(replicated, data),
-                   out_shardings=replicated)
-    out[name] = step_time.memory_stats(step.lower((params, tx.init(params)), x).compile())
+  for v in cases:
+    tx = step_time.make_optimizer(v, args)
+    step = jax.jit(mlp_step(tx, v.num_groups), donate_argnums=0,
+                   in_shardings=(replicated, data), out_shardings=replicated)
+    out[v.name] = step_time.memory_stats(step.lower((params, tx.init(params)), x).compile())
   return out
 
 
@@ -132,7 +117,8 @@ def compiled_memory(variant: step_time.Variant, args: argparse.Namespace) -> tup
   if args.model == "mlp":
     params = mlp_params()
     x = jnp.ones((args.batch_size, params[0]["w"].shape[0]))
-    lowered = jax.jit(mlp_step(tx), donate_argnums=0).lower((params, tx.init(params)), x)
+    lowered = jax.jit(mlp_step(tx, variant.num_groups), donate_argnums=0).lower(
+        (params, tx.init(params)), x)
   else:
     model = cifar_models.get_model(step_time.MODELS[args.model], 10)
     x = jnp.zeros((args.batch_size, 32, 32, 3))
@@ -147,11 +133,8 @@ def compiled_memory(variant: step_time.Variant, args: argparse.Namespace) -> tup
 def run(args: argparse.Namespace) -> dict[str, Any]:
   stats = {}
   param_bytes = 0
-  for v in ROWS:
+  for v in ROWS + (GROUPED_ROWS if args.model == "mlp" else ()):
     stats[v.name], param_bytes = compiled_memory(v, args)
-  if args.model == "mlp":
-    for name, k, norm, groups in GROUPED_ROWS:
-      stats[name] = grouped_memory(name, k, norm, groups, args)
   if stats["ERM"] is None:
     raise SystemExit("memory_analysis() is not available on this backend.")
   erm = stats["ERM"]["temp_size_in_bytes"]

@@ -23,14 +23,6 @@ N = 16
 LR = 0.1
 
 
-@pytest.fixture
-def x64():
-  previous = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", previous)
-
-
 class Net(eqx.Module):
   linear1: eqx.nn.Linear
   norm: eqx.nn.BatchNorm

@@ -14,15 +14,6 @@ import pytest
 
 import amp_optax
 
-
-@pytest.fixture
-def x64():
-  previous = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", previous)
-
-
 # ---------------------------------------------------------------- reference
 
 

@@ -124,9 +124,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
   name = args.preset.replace("-", "_")
   json_path = os.path.join(out_dir, f"{name}.json")
   result = {"benchmark": "study", "preset": args.preset, "groups": []}
-  if os.path.exists(json_path) and not args.restart:
-    with open(json_path) as f:
-      result = json.load(f)
+  if not args.restart:
+    result = _load(json_path) or result
   result.update({
       "data": ("synthetic" if smoke else "CIFAR-10 (JPEG copy)"),
       "train_size": p["train_size"], "val_size": p["val_size"], "test_size": p["test_size"],
@@ -155,19 +154,13 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     if grouped and not smoke:
       sweep = _load(os.path.join(out_dir, "study_grouped_sweep.json"))
     elif grouped:
-      sweep = _load(json_path) if os.path.exists(json_path) else None
+      sweep = _load(json_path)
   if args.preset == "study-final":
-    sweep_path = os.path.join(out_dir, "study_sweep.json")
-    if os.path.exists(sweep_path):
-      with open(sweep_path) as f:
-        sweep = json.load(f)
+    sweep = _load(os.path.join(out_dir, "study_sweep.json"))
   elif args.preset == "study-cheap":
     # The final table's AMP setting per model (chosen there on validation accuracy): the gain
     # each variant keeps is relative to full AMP at the same epsilon, norm and radius.
-    final_path = os.path.join(out_dir, "study_final.json")
-    if os.path.exists(final_path):
-      with open(final_path) as f:
-        final_choices = json.load(f).get("choices", {})
+    final_choices = (_load(os.path.join(out_dir, "study_final.json")) or {}).get("choices", {})
   result.setdefault("choices", {})
   # Blocks in priority order, each with all its seeds before the next: a study cut short
   # leaves whole blocks behind. Within a block the seeds are outermost (complete seed pairs).
@@ -260,10 +253,9 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
 
 def _merge_from_disk(result: dict[str, Any], json_path: str) -> None:
   """Adds to ``result`` the runs (and per-model entries) that another process saved."""
-  if not os.path.exists(json_path):
+  disk = _load(json_path)
+  if disk is None:
     return
-  with open(json_path) as f:
-    disk = json.load(f)
   for key in ("choices", "step_time"):
     for model, value in disk.get(key, {}).items():
       result.setdefault(key, {}).setdefault(model, value)

@@ -145,6 +145,12 @@ def comparison_lines(result: dict[str, Any]) -> list[str]:
   return out
 
 
+def _step_time_ratios(result: dict[str, Any]) -> dict[tuple[str, str], float]:
+  """``(model, row label) -> step time / ERM's`` from the table's interleaved timing."""
+  return {(m, r["label"]): r["ratio_vs_erm"] for m, rows in result.get("step_time", {}).items()
+          for r in rows}
+
+
 def grouped_lines(result: dict[str, Any]) -> list[str]:
   """Grouped ascent (issue 17): per method and m, the gain over ERM, the paired difference to
   the same method at m = the whole batch, and to ERM with the same ghost batch norm."""
@@ -158,8 +164,7 @@ def grouped_lines(result: dict[str, Any]) -> list[str]:
            "| model | method | m | setting | n | test acc % | gain vs ERM | vs m = batch | "
            "vs ghost-BN ERM, same m | step time / ERM |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-  times = {(m, r["label"]): r["ratio_vs_erm"] for m, rows in result.get("step_time", {}).items()
-           for r in rows}
+  times = _step_time_ratios(result)
   n_rows = len(lines)
   for g in sorted(result["groups"], key=_group_order):
     c = g["config"]
@@ -219,8 +224,7 @@ def cheap_lines(result: dict[str, Any]) -> list[str]:
            "| model | setting | n | test acc % | gain vs ERM | vs full AMP | kept [95%] | "
            "≥80%? gain − 0.8·AMP gain | step time / ERM | train time / ERM |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-  times = {(m, r["label"]): r["ratio_vs_erm"] for m, rows in result.get("step_time", {}).items()
-           for r in rows}
+  times = _step_time_ratios(result)
   n_rows = len(lines)
   for g in sorted(result["groups"], key=_group_order):
     c = g["config"]

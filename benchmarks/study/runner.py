@@ -35,7 +35,8 @@ def _base(config: Config, total_steps: int) -> optax.GradientTransformation:
 def _amp(setting: Setting, every: int | None) -> optax.GradientTransformation:
   return amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1,
                        norm=setting.norm, radius=setting.radius, ascent_every=every,
-                       between_ascents=setting.between if every else "clean")
+                       between_ascents=setting.between if every else "clean",
+                       num_groups=setting.num_groups if setting.num_groups > 1 else None)
 
 
 def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.GradientTransformation:
@@ -46,12 +47,8 @@ def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.Gradien
   if setting.num_groups > 1 and setting.method == "sam":
     return optax.chain(amp_optax.amp(setting.rho, inner_lr=SAM_INNER_LR, norm="global",
                                      num_groups=setting.num_groups), base)
-  if setting.num_groups > 1:
-    if setting.ascent_every > 1 or setting.variant:
-      raise ValueError(f"{setting.label}: grouping is studied with the full step only")
-    return optax.chain(amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1,
-                                     norm=setting.norm, radius=setting.radius,
-                                     num_groups=setting.num_groups), base)
+  if setting.num_groups > 1 and (setting.ascent_every > 1 or setting.variant):
+    raise ValueError(f"{setting.label}: grouping is studied with the full step only")
   if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
     # The base optimiser's schedule counts descent steps (total_steps of them).
     return amp_optax.drop_in_amp(
