@@ -18,7 +18,6 @@ from test_reference import jax_loss
 from test_reference import make_problem
 from test_reference import np_loss_and_grad
 from test_reference import np_project
-from test_reference import x64  # noqa: F401 -- a fixture.
 
 import amp_optax
 
