@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from amp_optax import _common
 from amp_optax import _projection
 
 Leaves = list[Any]
@@ -37,13 +38,9 @@ class Ball(NamedTuple):
   radius: Any
 
 
-def _inexact(x: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def make_ball(param_leaves: Leaves, epsilon: Any, norm: str, radius: str) -> Ball:
-  """The ball of radius ``epsilon`` (``"absolute"``) or ``epsilon * ||theta||`` (``"relative"``)."""
-  if radius == "absolute":
+def make_ball(param_leaves: Leaves, epsilon: Any, norm: str, relative: bool) -> Ball:
+  """The ball of radius ``epsilon``, or ``epsilon * ||theta||`` if ``relative``."""
+  if not relative:
     return Ball(norm, epsilon)
   if norm == "per_tensor":
     return Ball(norm, [epsilon * _projection.l2_norm(p) for p in param_leaves])
@@ -185,7 +182,7 @@ def ascend(
     delta = step_each(delta, [grads[i] for i in chosen])
     new = grads_at(perturb(param_leaves, delta, chosen, groups), k)
     # A loop carry must keep its dtypes, whatever the gradient function returns.
-    return delta, [n.astype(g.dtype) if _inexact(g) else n for n, g in zip(new, grads)]
+    return delta, [n.astype(g.dtype) if _common.inexact(g) else n for n, g in zip(new, grads)]
 
   # zeros_like keeps the shardings (a loop carry must not change type): the parameters', or
   # with groups the stacked gradients' (the group axis sharded as the batch).

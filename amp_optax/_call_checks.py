@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 GRAD_FN_HELP = (
@@ -101,22 +102,53 @@ def check_not_in_multisteps(grad_fn: Any) -> None:
       raise ValueError(_MULTISTEPS_HELP)
 
 
-def missing_grad_fn_error() -> ValueError:
+def missing_grad_fn_error(where: str = "amp()") -> ValueError:
   """The error for a call without ``grad_fn``, naming Flax's TrainState when it is the cause."""
   for frame in _frames():
     if (frame.f_code.co_name == "apply_gradients"
         and "grad_fn" in (frame.f_locals.get("kwargs") or {})):
       return ValueError(
-          "amp(): update() needs `grad_fn`, and you passed it to apply_gradients, but "
+          f"{where}: update() needs `grad_fn`, and you passed it to apply_gradients, but "
           + _FLAX_TRAIN_STATE_HELP)
   return ValueError(
-      "amp(): update() needs `grad_fn`, the gradient of the loss at other parameters.\n"
+      f"{where}: update() needs `grad_fn`, the gradient of the loss at other parameters.\n"
       + GRAD_FN_HELP + "\nWith Flax Linen's TrainState use amp_optax.flax_linen.TrainState,"
       " whose apply_gradients forwards grad_fn; with nnx.Optimizer pass it to"
       " optimizer.update(model, grads, grad_fn=amp_grad_fn). A step written for"
       " optax.contrib.sam that passes grad_fn only `if isinstance(state, SAMState)`, or uses"
       " SAM's default mode, must always pass it (plain Optax optimisers accept and ignore it);"
       " for a step that cannot pass one, use amp_optax.drop_in_amp(base, epsilon).")
+
+
+def check_ascend(where: str, ascend: Any) -> bool:
+  """``ascend`` (an extra argument of ``update``): ``None`` means True; else a Python bool."""
+  if ascend is None:
+    return True
+  if not isinstance(ascend, (bool, np.bool_)):
+    raise TypeError(
+        f"{where}: `ascend` must be a Python bool, known when the step is traced; got "
+        f"{ascend!r}. Make it a static argument of your jitted step, e.g. "
+        "jax.jit(train_step, static_argnames='ascend').")
+  return bool(ascend)
+
+
+def check_update_call(where: str, args: tuple[Any, ...], params: Any, grad_fn: Any,
+                      ascend: bool) -> None:
+  """What every ascending ``update`` needs: params, a ``grad_fn`` by keyword, no MultiSteps."""
+  if args:
+    raise TypeError(
+        f"{where}: update() takes grad_fn as a keyword argument, not positionally: "
+        "tx.update(grads, opt_state, params, grad_fn=grad_fn).")
+  if ascend and grad_fn is None:
+    raise missing_grad_fn_error(where)
+  if params is None:
+    raise ValueError(
+        f"{where}: update() needs `params` (the point the ascent starts from): "
+        "tx.update(grads, opt_state, params, grad_fn=...).")
+  check_no_masked_nodes(params)
+  if grad_fn is not None:
+    check_not_in_multisteps(grad_fn)
+    check_grad_fn_signature(where, grad_fn)
 
 
 def check_no_masked_nodes(params: Any) -> None:
@@ -128,10 +160,10 @@ def check_no_masked_nodes(params: Any) -> None:
     raise ValueError(_MASKED_HELP)
 
 
-def check_grad_fn_signature(grad_fn: Any) -> None:
+def check_grad_fn_signature(where: str, grad_fn: Any) -> None:
   """Raises a TypeError if ``grad_fn`` cannot be called as ``grad_fn(params, inner_step)``."""
   if not callable(grad_fn):
-    raise TypeError(f"amp(): `grad_fn` must be callable, got {grad_fn!r}.\n" + GRAD_FN_HELP)
+    raise TypeError(f"{where}: `grad_fn` must be callable, got {grad_fn!r}.\n" + GRAD_FN_HELP)
   try:
     signature = inspect.signature(grad_fn)
   except (TypeError, ValueError):
@@ -140,7 +172,7 @@ def check_grad_fn_signature(grad_fn: Any) -> None:
     signature.bind(None, 0)
   except TypeError as e:
     raise TypeError(
-        f"amp(): grad_fn{signature} cannot be called as grad_fn(params, inner_step) ({e}).\n"
+        f"{where}: grad_fn{signature} cannot be called as grad_fn(params, inner_step) ({e}).\n"
         + GRAD_FN_HELP) from e
 
 
@@ -155,12 +187,12 @@ def note_grad_fn_failure(error: BaseException) -> None:
         "result instead, under a name that cannot collide: grad_fn=amp_grad_fn.")
 
 
-def check_leaves_match(what: str, leaves: list[Any], params: Any, fix: str) -> None:
+def check_leaves_match(where: str, what: str, leaves: list[Any], params: Any, fix: str) -> None:
   """Shapes of ``leaves`` (flattened like ``params``) must equal the params' shapes."""
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, param), leaf in zip(with_paths, leaves):
     got, want = jax.numpy.shape(leaf), jax.numpy.shape(param)
     if got != want:
       raise ValueError(
-          f"amp(): {what} has shape {got} at params{jax.tree_util.keystr(path)}, where the "
+          f"{where}: {what} has shape {got} at params{jax.tree_util.keystr(path)}, where the "
           f"parameter has shape {want}. {fix}")

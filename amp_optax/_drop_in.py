@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amp_optax import _amp
 from amp_optax import _ascent
+from amp_optax import _common
 from amp_optax import _projection
 
 ASCENTS = ("gradient", "momentum")
@@ -55,17 +55,14 @@ class DropInAmpState(NamedTuple):
   inner_state: Any
 
 
-def _value_at(value: Any, count: jax.Array) -> Any:
-  return value(count) if callable(value) else value
-
-
 def drop_in_amp(
     optimizer: optax.GradientTransformation,
     epsilon: Any,
+    *,
     inner_lr: Any = 1.0,
     inner_steps: int = 1,
     norm: str = "per_tensor",
-    radius: str = "absolute",
+    relative: bool = False,
     mask: Any = None,
     ascent: str = "gradient",
     momentum: float = 0.9,
@@ -114,7 +111,7 @@ def drop_in_amp(
     inner_steps: ``K`` (``ascent="gradient"``), a Python int >= 0; 0 gives the
       base optimiser unchanged. Must be 1 with ``ascent="momentum"``.
     norm: ``"per_tensor"`` or ``"global"``, as in :func:`amp`.
-    radius: ``"absolute"`` or ``"relative"``, as in :func:`amp`.
+    relative: as in :func:`amp`.
     mask: which parameters to perturb, as in :func:`amp`.
     ascent: ``"gradient"`` or ``"momentum"``.
     momentum: the decay of the running average of gradients
@@ -132,8 +129,10 @@ def drop_in_amp(
     Becker, Altrock and Risse, `Momentum-SAM: Sharpness Aware Minimization
     without Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
   """
-  # Validation shared with amp(): the same messages for the same mistakes.
-  _amp.amp(epsilon, inner_lr, inner_steps, norm, mask, radius=radius)
+  where = "drop_in_amp()"
+  num_steps = _common.check_ascent_args(
+      where, epsilon=epsilon, inner_lr=inner_lr, inner_steps=inner_steps, norm=norm,
+      relative=relative, mask=mask)
   if ascent not in ASCENTS:
     raise ValueError(f"drop_in_amp(): `ascent` must be one of {ASCENTS}, got {ascent!r}.")
   if ascent == "momentum" and inner_steps != 1:
@@ -141,13 +140,10 @@ def drop_in_amp(
                      f"inner_steps=1 (got {inner_steps}).")
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"drop_in_amp(): `momentum` must be in [0, 1), got {momentum}.")
-  num_steps = int(inner_steps)
   optimizer = optax.with_extra_args_support(optimizer)
 
   def chosen_of(params):
-    leaves = jax.tree.leaves(params)
-    return [i for i, (m, p) in enumerate(zip(_amp._mask_leaves(mask, params), leaves))
-            if m and _amp._perturbable(p)]
+    return _common.chosen_leaves(where, mask, params)
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
@@ -177,8 +173,8 @@ def drop_in_amp(
     treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     grad_leaves = treedef.flatten_up_to(updates)
     chosen = chosen_of(params)
-    eps = _value_at(epsilon, state.count)
-    lr = _value_at(inner_lr, state.count)
+    eps = _common.value_at(epsilon, state.count)
+    lr = _common.value_at(inner_lr, state.count)
 
     def descend(theta):
       """The base optimiser's step from theta with this call's gradient."""
@@ -190,7 +186,7 @@ def drop_in_amp(
       new_theta_leaves = treedef.flatten_up_to(new_theta)
       avg = [momentum * m + (1.0 - momentum) * grad_leaves[i].astype(m.dtype)
              for m, i in zip(state.momentum, chosen)]
-      ball = _ascent.make_ball([new_theta_leaves[i] for i in chosen], eps, norm, radius)
+      ball = _ascent.make_ball([new_theta_leaves[i] for i in chosen], eps, norm, relative)
       delta = _ascent.project(ball, [-lr * m for m in avg])
       target = _ascent.perturb(new_theta_leaves, delta, chosen)
       new_state = state._replace(
@@ -201,7 +197,7 @@ def drop_in_amp(
 
     def first_call():
       # The parameters are theta; Delta_1 from the clean gradient.
-      ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, radius)
+      ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, relative)
       delta = _ascent.step(ball, lr, _ascent.zeros([param_leaves[i] for i in chosen]),
                            [grad_leaves[i] for i in chosen])
       target = _ascent.perturb(param_leaves, delta, chosen)
@@ -213,7 +209,7 @@ def drop_in_amp(
 
     def middle_call():
       theta_leaves = treedef.flatten_up_to(state.theta)
-      ball = _ascent.make_ball([theta_leaves[i] for i in chosen], eps, norm, radius)
+      ball = _ascent.make_ball([theta_leaves[i] for i in chosen], eps, norm, relative)
       delta = _ascent.step(ball, lr, list(state.delta), [grad_leaves[i] for i in chosen])
       target = _ascent.perturb(theta_leaves, delta, chosen)
       return (moved_to(target, param_leaves, treedef),
@@ -245,7 +241,7 @@ def _delta_norm(delta: list[Any]) -> jax.Array:
 def _nan_if_negative(updates: Any, eps: Any, lr: Any) -> Any:
   """NaN updates for a negative traced epsilon or inner_lr, as :func:`amp` gives."""
   leaves, treedef = jax.tree.flatten(updates)
-  return jax.tree.unflatten(treedef, _amp._nan_if_negative(leaves, eps, lr))
+  return jax.tree.unflatten(treedef, _common.nan_if_negative(leaves, eps, lr))
 
 
 def unperturbed_params(params: optax.Params, opt_state: Any) -> optax.Params:
@@ -260,13 +256,7 @@ def unperturbed_params(params: optax.Params, opt_state: Any) -> optax.Params:
     theta: ``params`` where the step holds them unperturbed (phase 0 of the
     gradient ascent), else the unperturbed parameters kept in the state.
   """
-  found = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, DropInAmpState))
-           if isinstance(s, DropInAmpState)]
-  if len(found) != 1:
-    raise ValueError(
-        "unperturbed_params(): opt_state must hold exactly one DropInAmpState (the state of "
-        f"amp_optax.drop_in_amp); found {len(found)}.")
-  state = found[0]
+  state = _common.find_state(opt_state, DropInAmpState, "unperturbed_params()",
+                             "amp_optax.drop_in_amp (a DropInAmpState)")
   at_theta = state.phase == 0  # the parameters are theta (before any perturbation)
   return jax.tree.map(lambda p, t: jnp.where(at_theta, p, t), params, state.theta)

@@ -1,11 +1,11 @@
-"""Grouped ascent (m-sharpness): per-group gradients stacked on a leading axis, and their mean.
+"""Grouped ascent (m-sharpness): :func:`grouped_amp`, one Delta per group of examples.
 
-With ``amp(..., num_groups=G)`` the batch is split into ``G`` groups of ``m`` examples. The
-clean gradient passed as ``updates`` and ``grad_fn``'s output hold one gradient per group,
-stacked on a leading axis of size ``G`` (``jax.vmap`` over the groups computes them), and
-``grad_fn`` receives the parameters stacked the same way, each group's at its own
-``theta + Delta_j``. ``amp`` returns the mean over groups: a plain gradient for the rest of the
-chain. The group axis can be sharded like the batch; the ascent then needs no communication
+With ``grouped_amp(epsilon, num_groups=G)`` the batch is split into ``G`` groups of ``m``
+examples. The clean gradient passed as ``updates`` and ``grad_fn``'s output hold one gradient
+per group, stacked on a leading axis of size ``G`` (``jax.vmap`` over the groups computes them),
+and ``grad_fn`` receives the parameters stacked the same way, each group's at its own
+``theta + Delta_j``. The transform returns the mean over groups: a plain gradient for the rest
+of the chain. The group axis can be sharded like the batch; the ascent then needs no communication
 until that mean.
 """
 
@@ -14,10 +14,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from amp_optax import _amp
+from amp_optax import _ascent
+from amp_optax import _call_checks
+from amp_optax import _common
+from amp_optax import _mapped_axes
+from amp_optax._common import GradFn
+from amp_optax._common import MaskOrFn
+from amp_optax._common import ScalarOrSchedule
 
-def _inexact(x: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+WHERE = "grouped_amp()"
 
 
 def check_stacked(what: str, leaves: list[Any], params: Any, groups: int) -> None:
@@ -27,17 +35,17 @@ def check_stacked(what: str, leaves: list[Any], params: Any, groups: int) -> Non
     want = (groups,) + jnp.shape(param)
     if jnp.shape(leaf) != want:
       raise ValueError(
-          f"amp(num_groups={groups}): {what} has shape {jnp.shape(leaf)} at "
+          f"grouped_amp(num_groups={groups}): {what} has shape {jnp.shape(leaf)} at "
           f"params{jax.tree_util.keystr(path)}, where one gradient per group is {want}: the "
           "parameter's shape with a leading group axis. Compute per-group gradients with "
-          "jax.vmap over the grouped batch, e.g. amp_optax.grouped_value_and_grad(loss_fn, "
+          "jax.vmap over the grouped batch, e.g. amp_optax.grouped_value_and_grad(loss_fn)("
           "params, amp_optax.group_batch(batch, num_groups)).")
 
 
 def mean_leaves(leaves: list[Any], groups: int) -> list[Any]:
   """The mean over the leading group axis (non-floating leaves: the first group's)."""
   del groups
-  return [jnp.mean(x, axis=0).astype(x.dtype) if _inexact(x) else x[0] for x in leaves]
+  return [jnp.mean(x, axis=0).astype(x.dtype) if _common.inexact(x) else x[0] for x in leaves]
 
 
 def mean_group_norm(leaves: list[Any], norm: Callable[[list[Any]], Any]) -> Any:
@@ -75,7 +83,14 @@ def group_batch(batch: Any, num_groups: int) -> Any:
     The batch with a leading group axis; group ``j`` holds examples
     ``j*m .. (j+1)*m - 1``, ``m = N // G``.
   """
+  _common.check_static_int("group_batch()", "num_groups", num_groups, 1,
+                           "the number G of groups", "Use 1 for the whole batch in one group.")
+
   def split(x):
+    if not jnp.ndim(x):
+      raise ValueError(
+          "group_batch(): every leaf of `batch` needs a leading example axis to split; got a "
+          "0-d leaf. Keep scalars out of the batch (close over them in the loss).")
     n = jnp.shape(x)[0]
     if n % num_groups:
       raise ValueError(
@@ -86,18 +101,24 @@ def group_batch(batch: Any, num_groups: int) -> Any:
 
 
 def grouped_value_and_grad(
-    loss_fn: Callable[..., Any], params: Any, grouped_batch: Any, *, has_aux: bool = False,
-) -> tuple[Any, Any, Callable[[Any, Any], Any]]:
-  """Per-group losses and gradients at ``params``, and the ``grad_fn`` for grouped AMP.
+    loss_fn: Callable[..., Any], *, has_aux: bool = False,
+) -> Callable[..., tuple[Any, Any, GradFn]]:
+  """Per-group losses and gradients, and the ``grad_fn`` for :func:`grouped_amp`.
+
+  The same contract as every framework's ``grouped_value_and_grad``
+  (:mod:`amp_optax.flax_linen`, :mod:`amp_optax.flax_nnx`,
+  :mod:`amp_optax.equinox`): ``grouped_value_and_grad(loss_fn, has_aux=...)``
+  returns a function of ``(params, *grouped_args)`` whose result is ``(out,
+  grads, amp_grad_fn)``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch)`` (with ``has_aux``, returning ``(loss,
-      aux)``), the mean loss over the examples of ``batch``.
-    params: the parameters.
-    grouped_batch: the batch with a leading group axis (:func:`group_batch`).
+    loss_fn: ``loss_fn(params, *args)`` (with ``has_aux``, returning ``(loss,
+      aux)``), the mean loss over the examples of ``args``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
+    A function of ``(params, *grouped_args)``, every argument after
+    ``params`` with a leading group axis (:func:`group_batch`), returning
     ``(out, grads, amp_grad_fn)``: ``out`` the per-group loss (or ``(loss,
     aux)``), stacked on the group axis; ``grads`` the per-group gradients
     (pass them as ``updates``); ``amp_grad_fn(stacked_params, inner_step)``
@@ -109,20 +130,152 @@ def grouped_value_and_grad(
     ...   return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
     >>> params = {"w": jnp.ones((3,))}
     >>> batch = {"x": jnp.arange(24.0).reshape(8, 3) / 10, "y": jnp.ones((8,))}
-    >>> tx = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
-    >>> losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-    ...     loss_fn, params, amp_optax.group_batch(batch, 4))
+    >>> tx = optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+    ...     params, amp_optax.group_batch(batch, 4))
     >>> updates, opt_state = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
     >>> losses.shape, updates["w"].shape
     ((4,), (3,))
   """
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  out, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, grouped_batch)
-  per_group = jax.vmap(jax.grad(loss_fn, has_aux=has_aux), in_axes=(0, 0))
+  grad = jax.grad(loss_fn, has_aux=has_aux)
 
-  def amp_grad_fn(stacked_params: Any, inner_step: Any) -> Any:
-    del inner_step
-    grads = per_group(stacked_params, grouped_batch)
-    return grads[0] if has_aux else grads
+  def value_grads_and_grad_fn(params: Any, *grouped_args: Any) -> tuple[Any, Any, GradFn]:
+    num_groups_of(grouped_args, "grouped_value_and_grad")
+    out, grads = jax.vmap(value_and_grad, in_axes=(None,) + (0,) * len(grouped_args))(
+        params, *grouped_args)
+    per_group = jax.vmap(grad, in_axes=(0,) * (1 + len(grouped_args)))
 
-  return out, grads, amp_grad_fn
+    def amp_grad_fn(stacked_params: Any, inner_step: Any) -> Any:
+      del inner_step
+      grads = per_group(stacked_params, *grouped_args)
+      return grads[0] if has_aux else grads
+
+    return out, grads, amp_grad_fn
+
+  return value_grads_and_grad_fn
+
+
+def grouped_amp(
+    epsilon: ScalarOrSchedule,
+    *,
+    num_groups: int,
+    inner_lr: ScalarOrSchedule = 1.0,
+    inner_steps: int = 1,
+    norm: str = "per_tensor",
+    relative: bool = False,
+    mask: MaskOrFn = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+    unroll: int | bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Grouped AMP (m-sharpness): one Delta per group of ``m`` examples, from stacked inputs.
+
+  The batch is split into ``G = num_groups`` groups (:func:`group_batch`).
+  Each group ascends from its own clean gradient with its own Delta_j (``K``
+  steps of :func:`amp`'s projected ascent, onto the same ball), and the
+  update is the mean over groups of each group's gradient at
+  :math:`\theta + \Delta_j`. ``G = 1`` is :func:`amp`'s step exactly.
+
+  The contract differs from :func:`amp` in what ``update`` takes:
+  ``updates`` holds the groups' clean gradients stacked on a leading axis of
+  size ``G``, and ``grad_fn(stacked_params, inner_step)`` gets the
+  parameters stacked likewise (group ``j``'s at :math:`\theta + \Delta_j`)
+  and returns gradients stacked likewise. Every framework's
+  ``grouped_value_and_grad`` computes both (:func:`grouped_value_and_grad`
+  for plain JAX). What ``update`` returns is a plain gradient, the mean over
+  groups, for the rest of the chain.
+
+  Devices: the group axis may be sharded like the batch under :func:`jax.jit`;
+  the ascent then runs without communication and only the final mean crosses
+  devices (ERM's all-reduce). Under ``shard_map``/``pmap`` give each
+  device's number of groups and ``batch_axis_name``: the mean is then
+  averaged over the axis.
+
+  Args:
+    epsilon: the ball's radius, as in :func:`amp`.
+    num_groups: ``G``, the size of the leading group axis of ``updates`` and
+      of ``grad_fn``'s input and output (a Python int >= 1).
+    inner_lr: as in :func:`amp`.
+    inner_steps: as in :func:`amp`.
+    norm: as in :func:`amp`; each group's Delta is projected separately.
+    relative: as in :func:`amp`.
+    mask: as in :func:`amp`.
+    batch_axis_name: as in :func:`amp`, for the final mean over groups.
+    unroll: as in :func:`amp`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose state is an
+    :class:`AmpState` (``delta_norm`` and ``clean_grad_norm`` are means over
+    groups). Memory: ``G`` gradients and (``K > 1``) ``G`` Deltas, divided
+    among the devices the group axis is sharded over.
+
+  References:
+    Foret, Kleiner, Mobahi and Neyshabur, `Sharpness-Aware Minimization for
+    Efficiently Improving Generalization <https://arxiv.org/abs/2010.01412>`_,
+    ICLR 2021 (m-sharpness).
+  """
+  num_steps = _common.check_ascent_args(
+      WHERE, epsilon=epsilon, inner_lr=inner_lr, inner_steps=inner_steps, norm=norm,
+      relative=relative, mask=mask)
+  groups = _common.check_static_int(
+      WHERE, "num_groups", num_groups, 1, "the number G of groups, each with its own Delta",
+      "Use amp() for one Delta shared by the whole batch.")
+  unroll = _common.check_unroll(WHERE, unroll)
+  axis_names = _mapped_axes.normalise(batch_axis_name)
+
+  def init_fn(params: optax.Params) -> _amp.AmpState:
+    _common.mask_leaves(WHERE, mask, params)
+    return _amp.init_state()
+
+  def update_fn(
+      updates: optax.Updates,
+      state: _amp.AmpState,
+      params: optax.Params | None = None,
+      *args: Any,
+      grad_fn: GradFn | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, _amp.AmpState]:
+    if extra_args.get("ascend") is not None:
+      raise TypeError(f"{WHERE}: `ascend` is an argument of amp()'s update only.")
+    count = optax.safe_increment(state.count)
+    if num_steps == 0:  # the mean over groups: the gradient of the whole batch.
+      return mean_over_groups(updates, groups, axis_names), state._replace(count=count)
+    _call_checks.check_update_call(WHERE, args, params, grad_fn, True)
+    _amp.check_same_structure(WHERE, "updates", updates, params,
+                              "Pass the per-group gradients w.r.t. exactly these params.")
+    eps = _common.value_at(epsilon, state.count)
+    lr = _common.value_at(inner_lr, state.count)
+    param_leaves, flat_def = jax.tree.flatten(params)
+    treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
+    first = [jnp.asarray(u) for u in treedef.flatten_up_to(updates)]
+    if axis_names:
+      _mapped_axes.check_bound(axis_names)
+    # Per-group gradients vary between devices when the groups are spread over them; only
+    # their mean, at the end, must be global.
+    check_stacked("the gradient passed as `updates`", first, params, groups)
+    chosen = _common.chosen_leaves(WHERE, mask, params)
+    # A scalar: no gradient crosses devices for a diagnostic.
+    clean_grad_norm = mean_group_norm(first, _amp.inexact_norm)
+
+    def grads_at(perturbed_leaves, inner_step):
+      assert grad_fn is not None
+      grad_leaves = _amp.call_grad_fn(WHERE, grad_fn, treedef, perturbed_leaves, inner_step,
+                                      params)
+      check_stacked("grad_fn's output", grad_leaves, params, groups)
+      return grad_leaves
+
+    ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, relative)
+    grad_leaves, delta_norms = _ascent.ascend(
+        param_leaves, first, grads_at, chosen=chosen, ball=ball, inner_lr=lr,
+        num_steps=num_steps, unroll=_amp.resolve_unroll(unroll), groups=groups)
+    grad_leaves = mean_leaves(grad_leaves, groups)
+    if axis_names:  # groups spread over devices: the mean over all of them
+      grad_leaves = jax.lax.pmean(grad_leaves, axis_name=axis_names)
+    _mapped_axes.check_averaged("the mean over groups", grad_leaves, param_leaves, axis_names)
+    grad_leaves = _common.nan_if_negative(grad_leaves, eps, lr)
+    new_state = _amp.AmpState(
+        count=count, delta_norm=jnp.mean(delta_norms), clean_grad_norm=clean_grad_norm,
+        perturbed_grad_norm=_amp.inexact_norm(grad_leaves))
+    return jax.tree.unflatten(treedef, grad_leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,5 +1,5 @@
-"""Shared by the Flax helpers (no Flax import here): policies, loss-output checks, import help,
-and loss scaling (Flax's ``DynamicScale``, used through its own methods)."""
+"""Shared by the Flax helpers (no Flax import here): policies, loss-output checks, and loss
+scaling (Flax's ``DynamicScale``, used through its own methods)."""
 
 import functools
 from typing import Any
@@ -7,14 +7,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from amp_optax import _common
 from amp_optax._amp import AmpState
 
 STATS_POLICIES = ("clean", "authors")
 RNG_POLICIES = ("same", "fold_in")
-
-FLAX_EXTRA_HELP = (
-    'pip install -e ".[flax]" from the amp_optax checkout (or pip install "flax>=0.12.8")')
-
 
 def check_policies(stats_policy: str, rng_policy: str) -> None:
   """Raises a ValueError naming the allowed values for an unknown policy."""
@@ -27,15 +24,6 @@ def check_policies(stats_policy: str, rng_policy: str) -> None:
         f"`rng_policy` must be one of {RNG_POLICIES}, got {rng_policy!r}. 'same' reuses the "
         "clean pass's RNG key (or state) in the perturbed passes; 'fold_in' folds in the inner "
         "step.")
-
-
-def missing_flax(module: str, error: ModuleNotFoundError) -> ModuleNotFoundError:
-  """The error to raise when ``module`` is imported without Flax installed."""
-  if error.name is None or error.name.split(".")[0] != "flax":
-    return error  # something else is missing: let its own error through.
-  return ModuleNotFoundError(
-      f"{module} needs Flax, which is not installed ({error}). Install the extra: "
-      f"{FLAX_EXTRA_HELP}. The core transform, amp_optax.amp, needs no Flax.", name="flax")
 
 
 def is_pair(out: Any) -> bool:
@@ -70,13 +58,6 @@ def check_dynamic_scale(dynamic_scale: Any, where: str) -> None:
         "dynamic_scale=state.dynamic_scale.")
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every floating leaf of ``tree`` is finite (a bool array; True when there are none)."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return functools.reduce(jnp.logical_and, checks, jnp.array(True))
-
-
 def nan_unless_finite(grads: Any, finite: jax.Array, params: Any) -> Any:
   """``grads``, or NaN in every floating leaf when a perturbed pass was not finite.
 
@@ -86,7 +67,7 @@ def nan_unless_finite(grads: Any, finite: jax.Array, params: Any) -> Any:
   returns on every device (``batch_axis_name`` averages it in) and so its
   ``perturbed_grad_norm``, which :func:`dynamic_scale_after_amp` reads.
   """
-  finite = jnp.logical_and(finite, all_finite(params))
+  finite = jnp.logical_and(finite, _common.all_finite(params))
 
   def poisoned(g):
     if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
@@ -94,16 +75,6 @@ def nan_unless_finite(grads: Any, finite: jax.Array, params: Any) -> Any:
     return jnp.where(finite, g, jnp.asarray(jnp.nan, jnp.result_type(g)))
 
   return jax.tree.map(poisoned, grads)
-
-
-def _amp_state(opt_state: Any, where: str) -> AmpState:
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AmpState))
-           if isinstance(s, AmpState)]
-  if len(found) != 1:
-    raise ValueError(
-        f"{where}: `opt_state` must hold the state of exactly one amp_optax.amp (the optimiser "
-        f"state after the AMP step, e.g. new_state.opt_state); found {len(found)}.")
-  return found[0]
 
 
 def dynamic_scale_given(dynamic_scale: Any, finite: jax.Array) -> Any:
@@ -127,7 +98,7 @@ def dynamic_scale_after_amp(
   check_dynamic_scale(dynamic_scale, where)
   if dynamic_scale is None:
     raise TypeError(f"{where}: `dynamic_scale` is None; call this only with a loss scale.")
-  amp_state = _amp_state(opt_state, where)
+  amp_state = _common.find_state(opt_state, AmpState, where, "amp_optax.amp (an AmpState)")
   finite = jnp.logical_and(jnp.asarray(is_fin), jnp.isfinite(amp_state.perturbed_grad_norm))
   return dynamic_scale_given(dynamic_scale, finite), finite
 

@@ -104,6 +104,7 @@ import functools
 import inspect
 from typing import Any
 
+from amp_optax import _extras
 from amp_optax import _grouped
 from amp_optax import _policies
 
@@ -111,7 +112,9 @@ try:
   from flax import struct
   from flax.training import train_state
 except ModuleNotFoundError as e:
-  raise _policies.missing_flax("amp_optax.flax_linen", e) from e
+  raise _extras.missing_extra(
+      "amp_optax.flax_linen", e, package="flax", display_name="Flax", extra="flax",
+      requirement="flax>=0.12.8") from e
 import jax
 import jax.numpy as jnp
 import optax

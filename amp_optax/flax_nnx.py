@@ -98,13 +98,17 @@ when the clean or any perturbed gradient is not finite, and the new scale.
 from collections.abc import Callable
 from typing import Any
 
+from amp_optax import _common
+from amp_optax import _extras
 from amp_optax import _grouped
 from amp_optax import _policies
 
 try:
   from flax import nnx
 except ModuleNotFoundError as e:
-  raise _policies.missing_flax("amp_optax.flax_nnx", e) from e
+  raise _extras.missing_extra(
+      "amp_optax.flax_nnx", e, package="flax", display_name="Flax", extra="flax",
+      requirement="flax>=0.12.8") from e
 import jax
 import jax.numpy as jnp
 import optax
@@ -376,7 +380,7 @@ def _scaled_value_and_grad(loss_fn: Callable[..., Any], has_aux: bool, wrt: Any,
     (_, out), grads = value_and_grad(*args)
     # DynamicScale's own unscaling: in float32, then divided.
     grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32) / dynamic_scale.scale, grads)
-    return out, grads, _policies.all_finite(grads)
+    return out, grads, _common.all_finite(grads)
 
   return scaled
 
