@@ -226,6 +226,7 @@ def amp(
       **extra_args: Any,
   ) -> tuple[optax.Updates, AmpState]:
     ascend = _call_checks.check_ascend(where, extra_args.get("ascend"))
+    _call_checks.check_first_in_chain(where)
     count = optax.safe_increment(state.count)
     if num_steps == 0:
       return updates, state._replace(count=count)

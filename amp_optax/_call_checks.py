@@ -5,6 +5,7 @@ costs anything in the compiled step.
 """
 
 from collections.abc import Iterator
+import functools
 import inspect
 import sys
 from types import FrameType
@@ -90,20 +91,114 @@ def _frames() -> Iterator[FrameType]:
     frame = frame.f_back
 
 
+# Where a transform stands among optax's combinators is read from their update frames: optax
+# exposes no other way for a transform to learn what runs before or after it in a chain, and the
+# composition errors below are about exactly that. The frames are recognised by their code
+# objects (not by names or file paths), so a renamed or moved optax function is simply not
+# recognised (the check then passes) rather than misread. Trace time only.
+
+
+def _update_code(make: Any) -> Any:
+  try:
+    return make().update.__code__
+  except Exception:  # an optax without this combinator, or with another structure.
+    return None
+
+
+@functools.cache
+def _combinator_codes() -> dict[str, Any]:
+  identity = optax.identity()
+  codes = {
+      "chain": _update_code(lambda: optax.chain(identity)),
+      "named_chain": _update_code(lambda: optax.named_chain(("a", identity))),
+      "lookahead": _update_code(lambda: optax.lookahead(identity, 2, 0.5)),
+  }
+  return {name: code for name, code in codes.items() if code is not None}
+
+
+def chain_positions() -> list[tuple[int, int]]:
+  """``(index, length)`` of the calling transform in each enclosing optax chain, innermost first.
+
+  In ``chain``'s and ``named_chain``'s update loop, ``new_state`` holds the
+  states of the transforms that already ran, and ``state`` all of them.
+  """
+  codes = _combinator_codes()
+  chains = {codes.get("chain"), codes.get("named_chain")} - {None}
+  positions = []
+  for frame in _frames():
+    if frame.f_code in chains:
+      done, state = frame.f_locals.get("new_state"), frame.f_locals.get("state")
+      if done is not None and state is not None:
+        positions.append((len(done), len(state)))
+  return positions
+
+
+def in_lookahead() -> bool:
+  code = _combinator_codes().get("lookahead")
+  return code is not None and any(frame.f_code is code for frame in _frames())
+
+
+def check_first_in_chain(where: str) -> None:
+  """``amp`` replaces the gradient it is given: anything before it in a chain would be lost."""
+  for index, length in chain_positions():
+    if index:
+      raise ValueError(
+          f"{where} is transform {index + 1} of {length} in an optax.chain, but it must be "
+          "first: it replaces the gradient it receives with the gradient at theta + Delta, so "
+          f"what the {index} transform(s) before it did to the gradient (clipping, weight "
+          "decay, Adam's scaling, ...) would be lost, and its ascent would start from their "
+          "output instead of the gradient. Put amp first and the others after it, e.g.\n"
+          "    optax.chain(amp_optax.amp(eps), optax.clip_by_global_norm(1.0), optax.adamw(lr))")
+
+
+def check_last_in_chain(where: str) -> None:
+  """``drop_in_amp``'s updates move the parameters to exact points: nothing may change them."""
+  for index, length in chain_positions():
+    if index != length - 1:
+      raise ValueError(
+          f"{where} is transform {index + 1} of {length} in an optax.chain, but it must be "
+          "last: its updates move the parameters to theta + Delta and back, and the "
+          f"{length - index - 1} transform(s) after it would change those moves (a scaled "
+          "move is not an ascent of radius epsilon, and the parameters would not return to "
+          "theta). Put them inside, in the base optimiser:\n"
+          "    amp_optax.drop_in_amp(optax.chain(<the transforms>, base), eps)")
+  if in_lookahead():
+    raise ValueError(
+        f"{where} is inside optax.lookahead, which would sync its slow weights with the "
+        "parameters while drop_in_amp holds them at theta + Delta. Use the grad_fn mode "
+        "instead, optax.chain(amp_optax.amp(eps), base), which never moves the parameters "
+        "off theta (lookahead must then forward grad_fn: see the accumulation guide).")
+  if _in_multisteps():
+    raise ValueError(
+        f"{where} is inside optax.MultiSteps, which would add up its moves to theta + Delta "
+        "and back over micro-batches. Accumulate inside the base optimiser instead: "
+        "amp_optax.drop_in_amp(optax.MultiSteps(base, k).gradient_transformation(), eps), or "
+        "use the grad_fn mode with accumulation (the accumulation guide).")
+
+
+def _in_multisteps() -> bool:
+  multi_steps = getattr(optax, "MultiSteps", None)
+  return multi_steps is not None and any(
+      frame.f_code.co_name == "update" and isinstance(frame.f_locals.get("self"), multi_steps)
+      for frame in _frames())
+
+
 def check_not_in_multisteps(grad_fn: Any) -> None:
   """Raises if ``amp.update`` runs inside ``optax.MultiSteps.update`` (trace time)."""
   if getattr(grad_fn, _COVERS_ACCUMULATED_BATCH, False):
     return
-  multi_steps = getattr(optax, "MultiSteps", None)
-  if multi_steps is None:
-    return
-  for frame in _frames():
-    if frame.f_code.co_name == "update" and isinstance(frame.f_locals.get("self"), multi_steps):
-      raise ValueError(_MULTISTEPS_HELP)
+  if _in_multisteps():
+    raise ValueError(_MULTISTEPS_HELP)
 
 
 def missing_grad_fn_error(where: str = "amp()") -> ValueError:
   """The error for a call without ``grad_fn``, naming Flax's TrainState when it is the cause."""
+  if in_lookahead():
+    return ValueError(
+        f"{where}: update() got no `grad_fn`: optax.lookahead calls its inner optimiser without "
+        "extra arguments, so a grad_fn passed to the outer update never reaches amp. Wrap the "
+        "inner chain so that lookahead is not between them, or pass grad_fn to the inner "
+        "optimiser's update yourself.")
   for frame in _frames():
     if (frame.f_code.co_name == "apply_gradients"
         and "grad_fn" in (frame.f_locals.get("kwargs") or {})):

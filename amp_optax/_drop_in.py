@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from amp_optax import _ascent
+from amp_optax import _call_checks
 from amp_optax import _common
 from amp_optax import _projection
 
@@ -42,7 +43,8 @@ class DropInAmpState(NamedTuple):
       else ``()``.
     momentum: the running average of gradients (``ascent="momentum"``), in
       at least float32; else ``()``.
-    delta_norm: global L2 norm of the perturbation the last call moved to.
+    delta_norm: global L2 norm of the perturbation the last call moved to, as
+      the parameters hold it (after rounding to their dtype).
     inner_state: the base optimiser's state.
   """
 
@@ -162,6 +164,7 @@ def drop_in_amp(
         (t - p).astype(p.dtype) for t, p in zip(target_leaves, param_leaves)])
 
   def update_fn(updates, state, params=None, **extra_args):
+    _call_checks.check_last_in_chain(where)
     if params is None:
       raise ValueError("drop_in_amp(): update() needs `params`: tx.update(grads, opt_state, "
                        "params).")
@@ -172,9 +175,22 @@ def drop_in_amp(
     param_leaves, flat_def = jax.tree.flatten(params)
     treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     grad_leaves = treedef.flatten_up_to(updates)
+    _call_checks.check_leaves_match(
+        where, "the gradient passed as `updates`", grad_leaves, params,
+        "Pass the gradient of the loss w.r.t. exactly these params.")
     chosen = chosen_of(params)
     eps = _common.value_at(epsilon, state.count)
     lr = _common.value_at(inner_lr, state.count)
+    theta_leaves = treedef.flatten_up_to(state.theta)
+    # The parameters must be where the last call moved them (theta + Delta): a run resumed from
+    # the unperturbed parameters (or from any others) holds them elsewhere, and this call's
+    # gradient was taken there. The distance from theta is compared with the one the last call
+    # applied; a mismatch restarts the AMP step from the parameters as they are.
+    held = _applied_norm(param_leaves, theta_leaves, chosen)
+    displaced = jnp.logical_and(
+        state.phase > 0,
+        jnp.abs(held - state.delta_norm) > 1e-2 * state.delta_norm + 1e-12)
+    finite = _common.all_finite(grad_leaves)
 
     def descend(theta):
       """The base optimiser's step from theta with this call's gradient."""
@@ -182,18 +198,28 @@ def drop_in_amp(
       return optax.apply_updates(theta, base_updates), inner
 
     if ascent == "momentum":
-      new_theta, inner = descend(state.theta)
-      new_theta_leaves = treedef.flatten_up_to(new_theta)
-      avg = [momentum * m + (1.0 - momentum) * grad_leaves[i].astype(m.dtype)
-             for m, i in zip(state.momentum, chosen)]
-      ball = _ascent.make_ball([new_theta_leaves[i] for i in chosen], eps, norm, relative)
-      delta = _ascent.project(ball, [-lr * m for m in avg])
-      target = _ascent.perturb(new_theta_leaves, delta, chosen)
-      new_state = state._replace(
-          count=optax.safe_increment(state.count), phase=jnp.ones((), jnp.int32),
-          theta=new_theta, delta=tuple(delta), momentum=tuple(avg),
-          delta_norm=_delta_norm(delta), inner_state=inner)
-      return _nan_if_negative(moved_to(target, param_leaves, treedef), eps, lr), new_state
+      def momentum_call():
+        new_theta, inner = descend(state.theta)
+        new_theta_leaves = treedef.flatten_up_to(new_theta)
+        # A non-finite gradient reaches the base optimiser (optax.apply_if_finite skips it)
+        # but never the running average, which would keep it for good.
+        avg = [jnp.where(finite, momentum * m + (1.0 - momentum) * grad_leaves[i].astype(m.dtype),
+                         m) for m, i in zip(state.momentum, chosen)]
+        ball = _ascent.make_ball([new_theta_leaves[i] for i in chosen], eps, norm, relative)
+        delta = _ascent.project(ball, [-lr * m for m in avg])
+        target = _ascent.perturb(new_theta_leaves, delta, chosen)
+        return (moved_to(target, param_leaves, treedef), state._replace(
+            count=optax.safe_increment(state.count), phase=jnp.ones((), jnp.int32),
+            theta=new_theta, delta=tuple(delta), momentum=tuple(avg),
+            delta_norm=_applied_norm(target, new_theta_leaves, chosen), inner_state=inner))
+
+      def back_to_perturbed():
+        # This call's gradient is not at theta + Delta: no descent, the parameters go back.
+        target = _ascent.perturb(theta_leaves, list(state.delta), chosen)
+        return moved_to(target, param_leaves, treedef), state
+
+      new_updates, new_state = jax.lax.cond(displaced, back_to_perturbed, momentum_call)
+      return _nan_if_negative(new_updates, eps, lr), new_state
 
     def first_call():
       # The parameters are theta; Delta_1 from the clean gradient.
@@ -205,19 +231,21 @@ def drop_in_amp(
       kept = tuple(delta) if num_steps > 1 else ()
       return (moved_to(target, param_leaves, treedef),
               state._replace(phase=jnp.ones((), jnp.int32), theta=theta, delta=kept,
-                             delta_norm=_delta_norm(delta)))
+                             delta_norm=_applied_norm(target, param_leaves, chosen)))
 
     def middle_call():
-      theta_leaves = treedef.flatten_up_to(state.theta)
       ball = _ascent.make_ball([theta_leaves[i] for i in chosen], eps, norm, relative)
       delta = _ascent.step(ball, lr, list(state.delta), [grad_leaves[i] for i in chosen])
       target = _ascent.perturb(theta_leaves, delta, chosen)
       return (moved_to(target, param_leaves, treedef),
               state._replace(phase=state.phase + 1, delta=tuple(delta),
-                             delta_norm=_delta_norm(delta)))
+                             delta_norm=_applied_norm(target, theta_leaves, chosen)))
 
     def descent_call():
-      new_theta, inner = descend(state.theta)
+      # From theta; at phase 0 (a non-finite clean gradient) the parameters themselves are theta.
+      at_theta = state.phase == 0
+      theta = jax.tree.map(lambda p, t: jnp.where(at_theta, p, t), params, state.theta)
+      new_theta, inner = descend(theta)
       kept = tuple(jnp.zeros_like(d) for d in state.delta)
       return (moved_to(treedef.flatten_up_to(new_theta), param_leaves, treedef),
               state._replace(count=optax.safe_increment(state.count),
@@ -226,16 +254,29 @@ def drop_in_amp(
 
     branches = [first_call, middle_call, descent_call] if num_steps > 1 else [
         first_call, descent_call]
-    index = jnp.where(state.phase == 0, 0, jnp.where(state.phase == num_steps,
-                                                     len(branches) - 1, 1))
+    last = len(branches) - 1
+    index = jnp.where(state.phase == 0, 0, jnp.where(state.phase == num_steps, last, 1))
+    # A non-finite gradient goes to the base optimiser at once, as it would without AMP (so
+    # optax.apply_if_finite around the base sees and skips it, and the parameters return to
+    # theta); never into Delta.
+    index = jnp.where(finite, index, last)
+    index = jnp.where(displaced, 0, index)
     new_updates, new_state = jax.lax.switch(index, branches)
     return _nan_if_negative(new_updates, eps, lr), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _delta_norm(delta: list[Any]) -> jax.Array:
-  return _projection.global_l2_norm(delta).astype(jnp.float32)
+def _applied_norm(target_leaves: list[Any], theta_leaves: list[Any],
+                  chosen: list[int]) -> jax.Array:
+  """The norm of the perturbation as the parameters hold it (``target - theta`` in their dtype).
+
+  In bfloat16 or float16 much of a small Delta rounds away when it is added to theta; this is
+  what the loss actually sees, and what ``delta_norm`` reports.
+  """
+  wide = [_projection.accumulation_dtype(theta_leaves[i].dtype) for i in chosen]
+  diffs = [target_leaves[i].astype(w) - theta_leaves[i].astype(w) for i, w in zip(chosen, wide)]
+  return _projection.global_l2_norm(diffs).astype(jnp.float32)
 
 
 def _nan_if_negative(updates: Any, eps: Any, lr: Any) -> Any:

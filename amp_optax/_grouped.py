@@ -237,6 +237,7 @@ def grouped_amp(
   ) -> tuple[optax.Updates, _amp.AmpState]:
     if extra_args.get("ascend") is not None:
       raise TypeError(f"{WHERE}: `ascend` is an argument of amp()'s update only.")
+    _call_checks.check_first_in_chain(WHERE)
     count = optax.safe_increment(state.count)
     if num_steps == 0:  # the mean over groups: the gradient of the whole batch.
       return mean_over_groups(updates, groups, axis_names), state._replace(count=count)
