@@ -2,6 +2,7 @@
 
 from typing import Any
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,7 @@ def amp(
   axis_names = _mapped_axes.normalise(batch_axis_name)
 
   def init_fn(params: optax.Params) -> AmpState:
-    _common.mask_leaves(where, mask, params)  # structure errors at init, not at step 1.
+    warn_if_low_precision(where, params, _common.chosen_leaves(where, mask, params))
     correction: tuple[jax.Array, ...] = ()
     if reuse and num_steps > 0:
       correction = tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params)
@@ -286,6 +287,22 @@ def amp(
     return jax.tree.unflatten(treedef, grad_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def warn_if_low_precision(where: str, params: Any, chosen: list[int]) -> None:
+  """Warns once, at init, that a 16-bit parameter rounds much of a small Delta away."""
+  leaves = jax.tree.leaves(params)
+  if _ascent.low_precision(leaves, chosen):
+    names = sorted({str(jnp.dtype(leaves[i].dtype)) for i in chosen
+                    if jnp.finfo(leaves[i].dtype).bits < 32})
+    warnings.warn(
+        f"{where}: some perturbed parameters are {', '.join(names)}: theta + Delta is formed in "
+        "their dtype, where much of a small Delta rounds away (bfloat16 keeps 8 bits: an "
+        "element moves only if its Delta is more than ~1/256 of its value), so the loss sees "
+        "a smaller perturbation, in another direction. AmpState.delta_norm reports the one "
+        "applied. Keep float32 master parameters (cast to the low-precision dtype inside the "
+        "model, e.g. Flax's dtype=jnp.bfloat16 with param_dtype=jnp.float32), or leave these "
+        "parameters out with mask=.", stacklevel=3)
 
 
 def init_state(correction: Any = ()) -> AmpState:

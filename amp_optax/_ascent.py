@@ -173,7 +173,9 @@ def ascend(
         lambda g: first_step_factors(ball, inner_lr, g), groups, 0)(
             [clean_grads[i] for i in chosen])
     delta = [_times(clean_grads[i], f) for i, f in zip(chosen, factors)]
-    return grads_at(perturb(param_leaves, delta, chosen, groups), 0), delta_norm
+    perturbed = perturb(param_leaves, delta, chosen, groups)
+    return grads_at(perturbed, 0), _as_applied(delta_norm, perturbed, param_leaves, chosen,
+                                               groups)
 
   step_each = _per_group(lambda d, g: step(ball, inner_lr, d, g), groups, (0, 0))
 
@@ -192,4 +194,33 @@ def ascend(
   delta, grads = jax.lax.fori_loop(
       0, num_steps, body, (delta0, list(clean_grads)), unroll=unroll)
   norm_each = _per_group(_projection.global_l2_norm, groups, 0)
-  return grads, norm_each(delta).astype(jnp.float32)
+  delta_norm = norm_each(delta).astype(jnp.float32)
+  if low_precision(param_leaves, chosen):
+    delta_norm = _as_applied(delta_norm, perturb(param_leaves, delta, chosen, groups),
+                             param_leaves, chosen, groups)
+  return grads, delta_norm
+
+
+def low_precision(param_leaves: Leaves, chosen: list[int]) -> bool:
+  """Whether a perturbed parameter is narrower than float32 (bfloat16, float16)."""
+  return any(jnp.finfo(param_leaves[i].dtype).bits < 32 for i in chosen)
+
+
+def _as_applied(delta_norm: jax.Array, perturbed: Leaves, param_leaves: Leaves,
+                chosen: list[int], groups: int | None) -> jax.Array:
+  """The norm of Delta as the perturbed parameters hold it, where rounding can change it.
+
+  In bfloat16 or float16 much of a small Delta rounds away when it is added to
+  theta: the loss sees ``theta + Delta`` in the parameters' dtype, so that is
+  what ``delta_norm`` reports. Float32 and wider parameters keep the exact norm
+  (no extra pass over the parameters).
+  """
+  if not low_precision(param_leaves, chosen):
+    return delta_norm
+
+  def applied(*perturbed_chosen):
+    return _projection.global_l2_norm([
+        x.astype(jnp.float32) - param_leaves[i].astype(jnp.float32)
+        for i, x in zip(chosen, perturbed_chosen)])
+
+  return _per_group(applied, groups, 0)(*[perturbed[i] for i in chosen]).astype(jnp.float32)

@@ -224,7 +224,7 @@ def grouped_amp(
   axis_names = _mapped_axes.normalise(batch_axis_name)
 
   def init_fn(params: optax.Params) -> _amp.AmpState:
-    _common.mask_leaves(WHERE, mask, params)
+    _amp.warn_if_low_precision(WHERE, params, _common.chosen_leaves(WHERE, mask, params))
     return _amp.init_state()
 
   def update_fn(
