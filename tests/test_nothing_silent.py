@@ -1,0 +1,247 @@
+"""Steps off the documented path: each one is right (equal to the documented semantics) or loud.
+
+Each test is written in the user's own pattern (the chain they would write, the resume the guide
+used to advise) and checks the number or the error, against a hand-written reference.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import amp_optax
+
+X = np.linspace(-1.0, 1.0, 24).reshape(8, 3)
+Y = np.cos(np.arange(8.0))
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  return jnp.mean((jnp.tanh(x @ params["w"]) + params["b"] - y) ** 2)
+
+
+def fresh_params():
+  return {"w": jnp.array([0.3, -0.2, 0.5]), "b": jnp.array(0.1)}
+
+
+BATCH = (jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32))
+GRAD = jax.grad(loss_fn)
+AMP_GRAD_FN = jax.grad(lambda p, _: loss_fn(p, BATCH))
+
+
+def per_tensor_delta(grads, eps):
+  return {k: g * min(1.0, eps / max(float(np.linalg.norm(g)), 1e-30)) for k, g in grads.items()}
+
+
+# Case 1: amp not first in the chain -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [
+    optax.clip_by_global_norm(1e-3), optax.add_decayed_weights(0.5), optax.scale_by_adam()])
+def test_amp_after_another_transform_raises_naming_first(before):
+  tx = optax.chain(before, amp_optax.amp(0.05), optax.sgd(1.0))
+  params = fresh_params()
+  with pytest.raises(ValueError, match="must be\\s+first"):
+    tx.update(GRAD(params, BATCH), tx.init(params), params, grad_fn=AMP_GRAD_FN)
+
+
+def test_amp_after_a_transform_in_an_enclosing_chain_raises():
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.chain(amp_optax.amp(0.05), optax.sgd(1.0)))
+  params = fresh_params()
+  with pytest.raises(ValueError, match="transform 2 of 2"):
+    jax.jit(lambda p, s: tx.update(GRAD(p, BATCH), s, p, grad_fn=AMP_GRAD_FN))(
+        params, tx.init(params))
+
+
+def test_amp_first_then_clip_clips_the_adversarial_gradient():
+  """chain(amp, clip, sgd): the clip acts on the gradient at theta + Delta (NumPy reference)."""
+  params = fresh_params()
+  tx = optax.chain(amp_optax.amp(0.05), optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
+  updates, _ = tx.update(GRAD(params, BATCH), tx.init(params), params, grad_fn=AMP_GRAD_FN)
+  clean = {k: np.asarray(v, np.float64) for k, v in GRAD(params, BATCH).items()}
+  delta = per_tensor_delta(clean, 0.05)
+  adv = GRAD({k: params[k] + jnp.asarray(delta[k], jnp.float32) for k in params}, BATCH)
+  adv = {k: np.asarray(v, np.float64) for k, v in adv.items()}
+  scale = min(1.0, 1e-3 / np.sqrt(sum(float(np.sum(v ** 2)) for v in adv.values())))
+  for k in params:
+    np.testing.assert_allclose(updates[k], -adv[k] * scale, rtol=1e-5, atol=1e-9)
+  assert float(optax.tree.norm(updates)) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_grouped_amp_not_first_raises():
+  params = fresh_params()
+  grouped = amp_optax.group_batch(BATCH, 2)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, grouped)
+  tx = optax.chain(optax.add_decayed_weights(0.1), amp_optax.grouped_amp(0.05, num_groups=2))
+  with pytest.raises(ValueError, match="must be\\s+first"):
+    tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
+
+
+# Case 2: anything after drop_in_amp ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after", [optax.scale_by_learning_rate(1e-2), optax.clip(0.01)])
+def test_a_transform_after_drop_in_amp_raises_naming_last(after):
+  tx = optax.chain(amp_optax.drop_in_amp(optax.scale_by_adam(), 0.05), after)
+  params = fresh_params()
+  with pytest.raises(ValueError, match="must be\\s+last"):
+    tx.update(GRAD(params, BATCH), tx.init(params), params)
+
+
+def test_drop_in_amp_inside_lookahead_raises():
+  tx = optax.lookahead(amp_optax.drop_in_amp(optax.sgd(0.1), 0.05), sync_period=3,
+                       slow_step_size=0.5)
+  params = optax.LookaheadParams.init_synced(fresh_params())
+  with pytest.raises(ValueError, match="lookahead"):
+    tx.update(GRAD(params.fast, BATCH), tx.init(params), params)
+
+
+def test_amp_inside_lookahead_names_lookahead_when_grad_fn_is_lost():
+  tx = optax.with_extra_args_support(
+      optax.lookahead(optax.chain(amp_optax.amp(0.05), optax.sgd(0.1)), 3, 0.5))
+  params = optax.LookaheadParams.init_synced(fresh_params())
+  with pytest.raises(ValueError, match="lookahead calls its inner optimiser"):
+    tx.update(GRAD(params.fast, BATCH), tx.init(params), params, grad_fn=AMP_GRAD_FN)
+
+
+def test_drop_in_amp_with_the_transforms_inside_runs_the_base_chain():
+  """The fix the error names: drop_in_amp(chain(adam, lr)) moves to theta + Delta_1, then
+  theta + base(g_1), with base the whole chain (reference: optax on the NumPy Delta)."""
+  params = fresh_params()
+  base = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2))
+  tx = amp_optax.drop_in_amp(base, 0.05)
+  state = tx.init(params)
+  updates, state = tx.update(GRAD(params, BATCH), state, params)
+  perturbed = optax.apply_updates(params, updates)
+  delta = per_tensor_delta({k: np.asarray(v, np.float64) for k, v in GRAD(params, BATCH).items()},
+                           0.05)
+  for k in params:
+    np.testing.assert_allclose(perturbed[k] - params[k], delta[k], rtol=1e-5, atol=1e-7)
+  updates, state = tx.update(GRAD(perturbed, BATCH), state, perturbed)
+  after = optax.apply_updates(perturbed, updates)
+  base_updates, _ = base.update(GRAD(perturbed, BATCH), base.init(params), params)
+  expected = optax.apply_updates(params, base_updates)
+  for k in params:
+    np.testing.assert_allclose(after[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+# Case 3: resuming a drop-in run -----------------------------------------------------------------
+
+
+def _drop_in_run(tx, calls, resume_at=None):
+  """``calls`` calls of the unchanged step; at ``resume_at`` the parameters are replaced by
+  ``unperturbed_params`` (what a run restored from such a checkpoint holds)."""
+  params = fresh_params()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(GRAD(params, BATCH), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(calls):
+    if i == resume_at:
+      params = amp_optax.unperturbed_params(params, state)
+    params, state = step(params, state)
+  return amp_optax.unperturbed_params(params, state)
+
+
+@pytest.mark.parametrize("make_tx, resume_at, extra_calls", [
+    (lambda: amp_optax.drop_in_amp(optax.sgd(0.1, momentum=0.9), 0.05), 3, 1),  # phase 1
+    (lambda: amp_optax.drop_in_amp(optax.adam(1e-2), 0.05, inner_steps=2), 4, 1),  # phase 1
+    (lambda: amp_optax.drop_in_amp(optax.adam(1e-2), 0.05, inner_steps=2), 5, 2),  # phase 2
+    (lambda: amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, ascent="momentum"), 4, 1),
+])
+def test_resume_from_unperturbed_params_restarts_the_step_exactly(make_tx, resume_at,
+                                                                  extra_calls):
+  """Resumed mid-cycle from theta, the step notices and restarts its AMP step (the calls of
+  the cycle so far are spent again; the momentum ascent spends one call to move back to
+  theta + Delta), then continues exactly as the uninterrupted run: bitwise, that many calls
+  later."""
+  uninterrupted = _drop_in_run(make_tx(), 12)
+  resumed = _drop_in_run(make_tx(), 12 + extra_calls, resume_at=resume_at)
+  for k in uninterrupted:
+    np.testing.assert_array_equal(resumed[k], uninterrupted[k])
+  # Without the restart the resumed run would differ: a test that can fail.
+  assert not np.allclose(_drop_in_run(make_tx(), 12, resume_at=resume_at)["w"],
+                         uninterrupted["w"], atol=1e-6)
+
+
+# Case 4: drop_in_amp(apply_if_finite(base)) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_apply_if_finite_inside_drop_in_amp_survives_a_nan_gradient(inner_steps):
+  tx = amp_optax.drop_in_amp(optax.apply_if_finite(optax.sgd(0.1), 3), 0.05,
+                             inner_steps=inner_steps)
+  params = fresh_params()
+  state = tx.init(params)
+  for call in range(4 * (inner_steps + 1)):
+    grads = GRAD(params, BATCH)
+    if call in (0, inner_steps + 2):  # a clean call, then an ascent call
+      grads = jax.tree.map(lambda g: g * jnp.nan, grads)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params)), call
+  theta = amp_optax.unperturbed_params(params, state)
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(theta))
+  assert float(jnp.linalg.norm(theta["w"] - fresh_params()["w"])) > 1e-3  # it did train
+
+
+def test_nan_gradient_skipped_by_inner_apply_if_finite_returns_to_theta():
+  tx = amp_optax.drop_in_amp(optax.apply_if_finite(optax.sgd(0.1), 3), 0.05)
+  params = fresh_params()
+  state = tx.init(params)
+  updates, state = tx.update(GRAD(params, BATCH), state, params)  # to theta + Delta_1
+  perturbed = optax.apply_updates(params, updates)
+  nan_grads = jax.tree.map(lambda g: g * jnp.nan, GRAD(perturbed, BATCH))
+  updates, state = tx.update(nan_grads, state, perturbed)
+  back = optax.apply_updates(perturbed, updates)
+  for k in params:
+    np.testing.assert_allclose(back[k], params[k], atol=1e-7)
+  assert int(state.phase) == 0
+
+
+# Case 6: low-precision parameters ---------------------------------------------------------------
+
+
+def test_bf16_delta_norm_is_the_applied_perturbation_and_init_warns():
+  w = (jax.random.normal(jax.random.key(0), (256, 256)) * np.sqrt(2 / 256)).astype(jnp.bfloat16)
+  params = {"w": w}
+  grads = {"w": jax.random.normal(jax.random.key(1), (256, 256)).astype(jnp.bfloat16)}
+  seen = {}
+
+  def grad_fn(p, _):
+    seen["applied"] = p["w"].astype(jnp.float32) - w.astype(jnp.float32)
+    return grads
+
+  tx = amp_optax.amp(0.05)
+  with pytest.warns(UserWarning, match="bfloat16.*rounds away"):
+    state = tx.init(params)
+  _, state = tx.update(grads, state, params, grad_fn=grad_fn)
+  applied = float(jnp.linalg.norm(seen["applied"]))
+  assert abs(applied - 0.05) > 5e-4  # the rounding is real (here 0.0505: outside the ball) ...
+  assert float(state.delta_norm) == pytest.approx(applied, rel=1e-6)  # ... and reported
+
+
+def test_float32_parameters_do_not_warn_and_report_epsilon():
+  params = fresh_params()
+  tx = amp_optax.amp(0.05, norm="global")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = tx.init(params)
+  _, state = tx.update(GRAD(params, BATCH), state, params, grad_fn=AMP_GRAD_FN)
+  assert float(state.delta_norm) == pytest.approx(0.05, rel=1e-6)
+
+
+# Unclear errors that now say what to change ---------------------------------------------------
+
+
+def test_drop_in_gradient_of_the_wrong_shape_is_named():
+  params = {"w": jnp.ones((8,))}
+  tx = amp_optax.drop_in_amp(optax.sgd(0.1), 0.05)
+  with pytest.raises(ValueError, match=r"shape \(1,\) at params\['w'\]"):
+    tx.update({"w": jnp.ones((1,))}, tx.init(params), params)
