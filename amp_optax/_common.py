@@ -105,8 +105,9 @@ def check_static_int(where: str, name: str, value: Any, minimum: int, meaning: s
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
     static = ""
     if isinstance(value, (jax.Array, np.ndarray)):
+      names = "('inner_steps',)" if name == "inner_steps" else f"('inner_steps', '{name}')"
       static = (" Under optax.inject_hyperparams, mark it static: "
-                f"inject_hyperparams(..., static_args=('inner_steps', '{name}')).")
+                f"inject_hyperparams(..., static_args={names}).")
     raise TypeError(
         f"{where}: `{name}` must be a Python int >= {minimum} ({meaning}, fixed at trace "
         f"time); got {value!r}." + static)

@@ -140,7 +140,11 @@ def drop_in_amp(
   if ascent == "momentum" and inner_steps != 1:
     raise ValueError("drop_in_amp(): ascent='momentum' takes one gradient per step; leave "
                      f"inner_steps=1 (got {inner_steps}).")
-  if not 0.0 <= momentum < 1.0:
+  try:
+    in_range = 0.0 <= float(momentum) < 1.0
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    in_range = True  # traced (optax.inject_hyperparams): used as a value in the step.
+  if not in_range:
     raise ValueError(f"drop_in_amp(): `momentum` must be in [0, 1), got {momentum}.")
   optimizer = optax.with_extra_args_support(optimizer)
 

@@ -245,3 +245,16 @@ def test_drop_in_gradient_of_the_wrong_shape_is_named():
   tx = amp_optax.drop_in_amp(optax.sgd(0.1), 0.05)
   with pytest.raises(ValueError, match=r"shape \(1,\) at params\['w'\]"):
     tx.update({"w": jnp.ones((1,))}, tx.init(params), params)
+
+
+def test_inject_hyperparams_around_drop_in_amp_names_the_fix_and_then_runs():
+  params = fresh_params()
+  with pytest.raises(TypeError, match=r"drop_in_amp\(\).*static_args=\('inner_steps',\)"):
+    optax.inject_hyperparams(amp_optax.drop_in_amp)(optax.sgd(0.1), 0.05).init(params)
+  tx = optax.inject_hyperparams(amp_optax.drop_in_amp, static_args=("inner_steps",))(
+      optax.sgd(0.1), 0.05)
+  plain = amp_optax.drop_in_amp(optax.sgd(0.1), 0.05)
+  updates, _ = jax.jit(tx.update)(GRAD(params, BATCH), tx.init(params), params)
+  expected, _ = plain.update(GRAD(params, BATCH), plain.init(params), params)
+  for k in params:
+    np.testing.assert_allclose(updates[k], expected[k], rtol=1e-6)
