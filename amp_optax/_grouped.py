@@ -72,6 +72,58 @@ def num_groups_of(grouped_batch: Any, where: str) -> int:
   return int(sizes.pop())  # type: ignore[arg-type]
 
 
+def _unrolled_loop() -> bool:
+  """Whether per-group passes run as an unrolled loop (CPU) rather than one ``jax.vmap``.
+
+  Under ``vmap`` the groups' passes with per-group parameters become grouped convolutions (and
+  batched weight gradients), which XLA:CPU runs slowly: TinyCNN at batch 128 took 1.7-1.8x the
+  ungrouped AMP step with G = 4 or 16, against 0.8x for an unrolled loop of ordinary passes on
+  m examples each, and 2.7-5.3x for ``lax.map`` (a loop body, jax#12868;
+  ``benchmarks/step_time.py``). On GPU and TPU one vmapped pass keeps compile time flat in G.
+  Decided at trace time from the backend, as ``unroll`` is.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def _take_group(arg: Any, axes: Any, j: int) -> Any:
+  """Group ``j`` of ``arg``: index the leading axis where ``axes`` (a vmap in_axes prefix) is 0."""
+  if axes is None:
+    # Broadcast to every group: a fresh copy of its Python objects for each pass (an
+    # eqx.nn.State cannot be used by two passes).
+    leaves, treedef = jax.tree.flatten(arg)
+    return jax.tree.unflatten(treedef, leaves)
+  if isinstance(axes, int):
+    return jax.tree.map(lambda x: x[j], arg)
+  return jax.tree.map(lambda ax, sub: _take_group(sub, ax, j), axes, arg,
+                      is_leaf=lambda x: x is None or isinstance(x, int))
+
+
+def map_over_groups(fn: Callable[..., Any], in_axes: tuple[Any, ...], *args: Any) -> Any:
+  """``jax.vmap(fn, in_axes)(*args)`` over the leading group axis, or the same as a loop on CPU.
+
+  Every framework's per-group passes (clean and perturbed) go through this, so that the
+  choice between one vmapped pass and ``G`` ordinary ones is made in one place.
+  """
+  if not _unrolled_loop():
+    return jax.vmap(fn, in_axes=in_axes)(*args)
+  sizes = {jnp.shape(x)[0] for a, ax in zip(args, in_axes) if ax is not None
+           for x, x_ax in _leaves_with_axes(a, ax) if x_ax == 0}
+  if len(sizes) != 1:
+    raise ValueError(f"per-group arguments with different group sizes: {sorted(sizes)}.")
+  groups = sizes.pop()
+  outs = [fn(*[_take_group(a, ax, j) for a, ax in zip(args, in_axes)]) for j in range(groups)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _leaves_with_axes(arg: Any, axes: Any) -> list[tuple[Any, Any]]:
+  if axes is None or isinstance(axes, int):
+    return [(x, axes) for x in jax.tree.leaves(arg)]
+  pairs: list[tuple[Any, Any]] = []
+  jax.tree.map(lambda ax, sub: pairs.extend(_leaves_with_axes(sub, ax)), axes, arg,
+               is_leaf=lambda x: x is None or isinstance(x, int))
+  return pairs
+
+
 def group_batch(batch: Any, num_groups: int) -> Any:
   """Splits every leaf ``(N, ...)`` of ``batch`` into ``(num_groups, N // num_groups, ...)``.
 
@@ -142,13 +194,13 @@ def grouped_value_and_grad(
 
   def value_grads_and_grad_fn(params: Any, *grouped_args: Any) -> tuple[Any, Any, GradFn]:
     num_groups_of(grouped_args, "grouped_value_and_grad")
-    out, grads = jax.vmap(value_and_grad, in_axes=(None,) + (0,) * len(grouped_args))(
-        params, *grouped_args)
-    per_group = jax.vmap(grad, in_axes=(0,) * (1 + len(grouped_args)))
+    out, grads = map_over_groups(
+        value_and_grad, (None,) + (0,) * len(grouped_args), params, *grouped_args)
 
     def amp_grad_fn(stacked_params: Any, inner_step: Any) -> Any:
       del inner_step
-      grads = per_group(stacked_params, *grouped_args)
+      grads = map_over_groups(grad, (0,) * (1 + len(grouped_args)), stacked_params,
+                              *grouped_args)
       return grads[0] if has_aux else grads
 
     return out, grads, amp_grad_fn
