@@ -267,6 +267,8 @@ def amp(
       grad_leaves, delta_norm = _ascent.ascend(
           param_leaves, first, grads_at, chosen=chosen, ball=ball, inner_lr=lr,
           num_steps=num_steps, unroll=resolve_unroll(unroll))
+      # NaN here for a traced negative epsilon, so that such a step stores no correction.
+      grad_leaves = _common.nan_if_negative(grad_leaves, eps, lr)
       correction = state.correction
       if reuse:
         new = tuple(grad_leaves[i] - first[i] for i in inexact)

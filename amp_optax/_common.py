@@ -57,11 +57,11 @@ def check_non_negative(where: str, name: str, value: Any) -> None:
     raise ValueError(
         f"{where}: `{name}` must be >= 0, got {number}. AMP ascends the loss, so `{name}` is a "
         "size, not a signed step.")
-  if name == "epsilon" and not np.isfinite(number):
+  if not np.isfinite(number):
     raise ValueError(
-        f"{where}: `epsilon` must be finite, got {number}. An unbounded ball is no "
-        "regulariser; for SAM-like steps to the ball's edge use a finite epsilon with a large "
-        "inner_lr.")
+        f"{where}: `{name}` must be finite, got {number}. An unbounded ball or step is no "
+        "regulariser (and inf * 0 is NaN); for SAM-like steps to the ball's edge use a finite "
+        "epsilon with a large finite inner_lr, e.g. 1e6.")
 
 
 # Steps at which a schedule of epsilon or inner_lr is probed when a transform is built: every

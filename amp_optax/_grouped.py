@@ -273,7 +273,7 @@ def grouped_amp(
       WHERE, "num_groups", num_groups, 1, "the number G of groups, each with its own Delta",
       "Use amp() for one Delta shared by the whole batch.")
   unroll = _common.check_unroll(WHERE, unroll)
-  axis_names = _mapped_axes.normalise(batch_axis_name)
+  axis_names = _mapped_axes.normalise(batch_axis_name, WHERE)
 
   def init_fn(params: optax.Params) -> _amp.AmpState:
     _amp.warn_if_low_precision(WHERE, params, _common.chosen_leaves(WHERE, mask, params))
@@ -302,7 +302,7 @@ def grouped_amp(
     treedef: Any = flat_def  # jaxlib ships no stubs for PyTreeDef
     first = [jnp.asarray(u) for u in treedef.flatten_up_to(updates)]
     if axis_names:
-      _mapped_axes.check_bound(axis_names)
+      _mapped_axes.check_bound(axis_names, WHERE)
     # Per-group gradients vary between devices when the groups are spread over them; only
     # their mean, at the end, must be global.
     check_stacked("the gradient passed as `updates`", first, params, groups)
@@ -324,7 +324,8 @@ def grouped_amp(
     grad_leaves = mean_leaves(grad_leaves, groups)
     if axis_names:  # groups spread over devices: the mean over all of them
       grad_leaves = jax.lax.pmean(grad_leaves, axis_name=axis_names)
-    _mapped_axes.check_averaged("the mean over groups", grad_leaves, param_leaves, axis_names)
+    _mapped_axes.check_averaged("the mean over groups", grad_leaves, param_leaves, axis_names,
+                                WHERE)
     grad_leaves = _common.nan_if_negative(grad_leaves, eps, lr)
     new_state = _amp.AmpState(
         count=count, delta_norm=jnp.mean(delta_norms), clean_grad_norm=clean_grad_norm,

@@ -44,7 +44,7 @@ def varying_axes(x: Any) -> frozenset[str] | None:
   return None if vma is None else frozenset(vma)
 
 
-def normalise(batch_axis_name: Any) -> AxisNames | None:
+def normalise(batch_axis_name: Any, where: str = "amp()") -> AxisNames | None:
   """``None``, a name, or a tuple of names, as a tuple (``None`` stays ``None``)."""
   if batch_axis_name is None:
     return None
@@ -54,7 +54,7 @@ def normalise(batch_axis_name: Any) -> AxisNames | None:
       isinstance(n, str) for n in batch_axis_name):
     return tuple(batch_axis_name)
   raise TypeError(
-      "amp(): `batch_axis_name` must be None, an axis name (a str) or a tuple of axis names "
+      f"{where}: `batch_axis_name` must be None, an axis name (a str) or a tuple of axis names "
       f"(() for none); got {batch_axis_name!r}.")
 
 
@@ -75,19 +75,19 @@ def _names(axes: Any) -> str:
   return ", ".join(repr(a) for a in sorted(axes))
 
 
-def check_bound(axis_names: AxisNames) -> None:
+def check_bound(axis_names: AxisNames, where: str = "amp()") -> None:
   """An explicit ``batch_axis_name`` must name axes that are in scope."""
   missing = [n for n in axis_names if n not in bound_axis_names()]
   if missing:
     raise ValueError(
-        f"amp(): batch_axis_name names {_names(missing)}, but no mapped axis of that name is in "
+        f"{where}: batch_axis_name names {_names(missing)}, but no mapped axis of that name is in "
         f"scope here (bound: {_names(bound_axis_names()) or 'none'}). Under jax.jit with sharded "
         "arrays gradients are already global: leave batch_axis_name=None. Under jax.pmap or "
         "jax.shard_map give the axis_name your step maps over.")
 
 
 def check_averaged(what: str, grad_leaves: list[Any], param_leaves: list[Any],
-                   batch_axis_name: AxisNames | None) -> None:
+                   batch_axis_name: AxisNames | None, where: str = "amp()") -> None:
   """Raises unless ``grad_leaves`` are known to be averaged over every mapped axis in scope.
 
   Args:
@@ -104,21 +104,22 @@ def check_averaged(what: str, grad_leaves: list[Any], param_leaves: list[Any],
     if batch_axis_name is not None:
       return
     raise ValueError(
-        f"amp(): it runs under the named mapped axis {_names(bound)} (jax.pmap, jax.shard_map "
+        f"{where}: it runs under the named mapped axis {_names(bound)} (jax.pmap, jax.shard_map "
         "or a named vmap), where it cannot tell whether the gradients are averaged over it. "
         "Without averaging, each device would ascend and step with its own gradient and the "
         "replicas would drift apart silently. Say which:\n"
-        f"  * amp(..., batch_axis_name={bound[0]!r}): grad_fn returns per-device gradients; "
-        "amp averages them (lax.pmean) so that all devices share one Delta, as on one device. "
-        "Average the clean gradient you pass as `updates` yourself, as for plain training "
-        f"(grads = jax.lax.pmean(grads, {bound[0]!r})).\n"
-        "  * amp(..., batch_axis_name=()): your grad_fn already returns gradients averaged over "
-        "the devices (it calls lax.pmean itself): amp averages nothing.")
+        f"  * {where[:-2]}(..., batch_axis_name={bound[0]!r}): grad_fn returns per-device "
+        "gradients; amp averages them (lax.pmean) so that all devices share one Delta, as on "
+        "one device. Average the clean gradient you pass as `updates` yourself, as for plain "
+        f"training (grads = jax.lax.pmean(grads, {bound[0]!r})).\n"
+        f"  * {where[:-2]}(..., batch_axis_name=()): your grad_fn already returns gradients "
+        "averaged over the devices (it calls lax.pmean itself): amp averages nothing.")
   if unaveraged:
-    fix = (f"pass batch_axis_name={sorted(unaveraged)[0]!r} to amp" if batch_axis_name is None
+    fix = (f"pass batch_axis_name={sorted(unaveraged)[0]!r} to {where[:-2]}"
+           if batch_axis_name is None
            else f"average it over {_names(unaveraged)} too")
     raise ValueError(
-        f"amp(): {what} varies over the mapped axis {_names(unaveraged)} (shard_map sees it differ "
-        "between devices) though the parameters do not: it is a per-device gradient, and the "
-        f"replicas would drift apart. To average it, {fix}; for the clean gradient passed as "
+        f"{where}: {what} varies over the mapped axis {_names(unaveraged)} (shard_map sees it "
+        "differ between devices) though the parameters do not: it is a per-device gradient, and "
+        f"the replicas would drift apart. To average it, {fix}; for the clean gradient passed as "
         f"`updates`, average it yourself before tx.update (jax.lax.pmean).")

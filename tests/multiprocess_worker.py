@@ -20,7 +20,7 @@ Case kinds:
 * ``jit``: 1-D ``("data",)`` mesh over all devices, batch split on it, params replicated.
 * ``shard_map``: the same mesh, the step under ``jax.shard_map`` with per-device gradients
   averaged by ``jax.lax.pmean`` and ``amp(batch_axis_name="data")``.
-* ``grouped``: as ``jit``, with grouped AMP (``num_groups=GROUPS``): each group of
+* ``grouped``: as ``jit``, with grouped AMP (``grouped_amp(num_groups=GROUPS)``): each group of
   ``GLOBAL_BATCH / GROUPS`` rows ascends with its own Delta; the groups are spread over the
   devices of all processes.
 * ``fsdp``: 2-D ``("data", "model")`` mesh whose ``"model"`` axis spans processes, Explicit
@@ -83,10 +83,13 @@ def make_tx(inner_steps: int, norm: str, batch_axis_name: str | None = None,
 
   import amp_optax
 
-  return optax.chain(
-      amp_optax.amp(EPSILON, INNER_LR, inner_steps, norm, batch_axis_name=batch_axis_name,
-                    num_groups=num_groups),
-      optax.sgd(LR, momentum=MOMENTUM))
+  hp = dict(inner_lr=INNER_LR, inner_steps=inner_steps, norm=norm,
+            batch_axis_name=batch_axis_name)
+  if num_groups is None:
+    ascent = amp_optax.amp(EPSILON, **hp)
+  else:
+    ascent = amp_optax.grouped_amp(EPSILON, num_groups=num_groups, **hp)
+  return optax.chain(ascent, optax.sgd(LR, momentum=MOMENTUM))
 
 
 def grouped_grads(loss, params, x, y, groups: int):

@@ -2,7 +2,8 @@
 
 A host callback in the step is a device-to-host round-trip on every step, keeps the step out
 of JAX's persistent compilation cache and makes ``jax.export`` fail; none of amp's
-configurations may hold one (``debug_checks=True`` is the opt-in exception).
+configurations may hold one (a traced negative epsilon is caught on the device instead: NaN
+updates).
 """
 
 import itertools
@@ -60,20 +61,19 @@ LR_SCHEDULE = optax.cosine_decay_schedule(1.0, 100)
 def configurations():
   """(name, tx, ascend) for every argument that changes what the step computes."""
   out = []
-  for eps, lr, k, norm, radius in itertools.product(
+  for eps, lr, k, norm, relative in itertools.product(
       [0.05, SCHEDULE], [1.0, LR_SCHEDULE], [0, 1, 2], ["per_tensor", "global"],
-      ["absolute", "relative"]):
+      [False, True]):
     name = (f"eps={'sched' if callable(eps) else eps}-lr={'sched' if callable(lr) else lr}"
-            f"-K={k}-{norm}-{radius}")
-    out.append((name, amp_optax.amp(eps, lr, k, norm, radius=radius), None))
+            f"-K={k}-{norm}-relative={relative}")
+    out.append((name, amp_optax.amp(eps, inner_lr=lr, inner_steps=k, norm=norm,
+                                    relative=relative), None))
   mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
   out.append(("mask", amp_optax.amp(SCHEDULE, mask=mask), None))
-  for between in ("clean", "reuse"):
-    out.append((f"ascent_every-{between}",
-                amp_optax.amp(SCHEDULE, ascent_every=3, between_ascents=between), None))
+  for reuse in (False, True):
     for ascend in (True, False):
-      out.append((f"ascend={ascend}-{between}",
-                  amp_optax.amp(SCHEDULE, ascent_every=3, between_ascents=between), ascend))
+      out.append((f"ascend={ascend}-reuse_correction={reuse}",
+                  amp_optax.amp(SCHEDULE, reuse_correction=reuse), ascend))
   injected = optax.inject_hyperparams(amp_optax.amp, static_args=("inner_steps",))
   for k in (1, 2):
     out.append((f"inject_hyperparams-K={k}", injected(epsilon=0.05, inner_steps=k), None))
@@ -88,11 +88,36 @@ def test_no_host_callback_in_the_compiled_step(name, amp_tx, ascend):
   assert host_calls(make_step(tx, ascend), params, tx.init(params)) == [], name
 
 
-def test_debug_checks_keep_the_callback():
-  """Guards the test above: a host callback does show in the lowered text."""
-  tx = optax.chain(amp_optax.amp(SCHEDULE, debug_checks=True), optax.sgd(0.1))
+def test_a_host_callback_shows_in_the_lowered_text():
+  """Guards the test above: a host callback in the step (here in grad_fn) is found."""
+  tx = optax.chain(amp_optax.amp(SCHEDULE), optax.sgd(0.1))
   params = make_params()
-  assert host_calls(make_step(tx), params, tx.init(params))
+
+  def step(params, opt_state):
+    def grad_fn(p, _):
+      jax.debug.callback(lambda: None)
+      return jax.grad(loss_fn)(p, X)
+
+    updates, opt_state = tx.update(jax.grad(loss_fn)(params, X), opt_state, params,
+                                   grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  assert host_calls(step, params, tx.init(params))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_host_callback_in_the_compiled_grouped_step(k):
+  tx = optax.chain(amp_optax.grouped_amp(SCHEDULE, num_groups=2, inner_steps=k),
+                   optax.sgd(0.1, momentum=0.9))
+  params = make_params()
+
+  def step(params, opt_state):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+        params, amp_optax.group_batch(X, 2))
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  assert host_calls(step, params, tx.init(params)) == []
 
 
 def test_export_round_trip_of_a_step_with_an_epsilon_schedule():

@@ -6,7 +6,6 @@ tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8.
 from functools import partial
 import warnings
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -37,6 +36,12 @@ def loss_fn(params, x, y):
 def batch(n=64):
   kx, ky = jax.random.split(jax.random.key(1))
   return jax.random.normal(kx, (n, 6)), jax.random.normal(ky, (n, 3))
+
+
+def assert_trees_close(got, want, rtol, atol):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
 def make_tx(norm, batch_axis_name=None):
@@ -94,7 +99,7 @@ def test_pmap_with_batch_axis_name_matches_one_device(norm):
       p, s = step(p, s, xs, ys)
   want, want_state = single_device_steps(norm)
   for i in range(N_DEV):
-    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], p), want, rtol=2e-5, atol=1e-6)
+    assert_trees_close(jax.tree.map(lambda a, i=i: a[i], p), want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(s[0].delta_norm), float(want_state[0].delta_norm),
                              rtol=1e-5)
 
@@ -146,7 +151,7 @@ def test_shard_map_with_batch_axis_name_matches_one_device(norm):
   for _ in range(3):
     params, state = step(params, state, x, y)
   want, _ = single_device_steps(norm)
-  chex.assert_trees_all_close(params, want, rtol=2e-5, atol=1e-6)
+  assert_trees_close(params, want, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
@@ -177,7 +182,7 @@ def test_jit_with_sharded_batch_and_params_matches_one_device(norm, axis_type):
     for _ in range(3):
       params, state = step(params, state)
   want, _ = single_device_steps(norm)
-  chex.assert_trees_all_close(jax.device_get(params), want, rtol=2e-5, atol=1e-6)
+  assert_trees_close(jax.device_get(params), want, rtol=2e-5, atol=1e-6)
   if axis_type == "Explicit":
     momentum = state[2][0].trace  # chain: (amp, add_decayed_weights, sgd = (trace, scale))
     for k, sh in shardings.items():

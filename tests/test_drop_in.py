@@ -32,15 +32,16 @@ FLOAT64_SCRIPT = textwrap.dedent("""
     out = {}
     for k in (1, 2, 3):
       for norm in ("per_tensor", "global"):
-        for radius in ("absolute", "relative"):
-          eps = 0.3 if radius == "absolute" else 0.2
+        for relative in (False, True):
+          eps = 0.2 if relative else 0.3
           # A schedule with exact binary values: optax computes schedules in float32, where
           # eager and compiled evaluation may round differently (0.08750001 vs 0.0875).
           base = lambda: optax.chain(optax.add_decayed_weights(1e-2),
                                      optax.sgd(optax.piecewise_constant_schedule(0.125, {2: 0.5}),
                                                momentum=0.9, nesterov=True))
-          ref_tx = optax.chain(amp_optax.amp(eps, 0.7, k, norm, radius=radius), base())
-          tx = amp_optax.drop_in_amp(base(), eps, 0.7, k, norm, radius=radius)
+          hp = dict(inner_lr=0.7, inner_steps=k, norm=norm, relative=relative)
+          ref_tx = optax.chain(amp_optax.amp(eps, **hp), base())
+          tx = amp_optax.drop_in_amp(base(), eps, **hp)
           @jax.jit
           def ref_step(p, s, x, ref_tx=ref_tx):
             g = jax.grad(loss_fn)(p, x)
@@ -59,7 +60,7 @@ FLOAT64_SCRIPT = textwrap.dedent("""
               p, s = plain_step(p, s, x)
           diff = max(float(jnp.max(jnp.abs(a - b)))
                      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)))
-          out[f"{k}-{norm}-{radius}"] = [diff, int(s.count), int(s.phase)]
+          out[f"{k}-{norm}-relative={relative}"] = [diff, int(s.count), int(s.phase)]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -127,7 +128,8 @@ def test_unperturbed_params_at_every_point_of_the_cycle():
                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(theta)))
     assert (moved > 1e-3) == (int(state.phase) > 0)  # perturbed between descent calls
   chained = optax.chain(optax.clip_by_global_norm(1.0), tx)
-  with pytest.raises(ValueError, match="exactly one DropInAmpState"):
+  with pytest.raises(ValueError, match=r"^unperturbed_params\(\): .*exactly one "
+                     r"amp_optax.drop_in_amp \(a DropInAmpState\).*found 2"):
     amp_optax.unperturbed_params(params, (chained.init(params), chained.init(params)))
 
 
@@ -193,14 +195,21 @@ def test_momentum_ascent_against_float64_reference(norm):
 
 
 def test_errors_say_what_to_change():
-  with pytest.raises(ValueError, match="one of"):
+  with pytest.raises(ValueError, match=r"^drop_in_amp\(\): `ascent` must be one of"):
     amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, ascent="nesterov")
-  with pytest.raises(ValueError, match="inner_steps=1"):
+  with pytest.raises(ValueError, match=r"^drop_in_amp\(\): .*inner_steps=1"):
     amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, inner_steps=2, ascent="momentum")
-  with pytest.raises(ValueError, match="must be >= 0"):
+  with pytest.raises(ValueError, match=r"^drop_in_amp\(\): `epsilon` must be >= 0"):
     amp_optax.drop_in_amp(optax.sgd(0.1), -0.05)
-  with pytest.raises(ValueError, match="momentum"):
+  with pytest.raises(ValueError, match=r"^drop_in_amp\(\): `momentum` must be in \[0, 1\)"):
     amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, ascent="momentum", momentum=1.5)
+  with pytest.raises(TypeError, match=r"^drop_in_amp\(\): `relative` must be True or False"):
+    amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, relative="relative")
+  # 0.1's radius= is gone, and everything after epsilon is keyword-only.
+  with pytest.raises(TypeError, match="radius"):
+    amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, radius="relative")
+  with pytest.raises(TypeError, match="positional"):
+    amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, 0.7)
 
 
 def test_grad_fn_is_passed_to_the_base_and_ignored():

@@ -1,10 +1,11 @@
-"""Grouped ascent (amp(..., num_groups=G)): one Delta per group of m examples.
+"""Grouped ascent (grouped_amp(epsilon, num_groups=G)): one Delta per group of m examples.
 
-Against today's AMP at G = 1 (bitwise), an independent NumPy reference at G > 1, and itself on
+Against amp() at G = 1 (bitwise), an independent NumPy reference at G > 1, and itself on
 1, 2, 4 and 8 (fake CPU) devices, with jit, shard_map and pmap.
 """
 
 from functools import partial
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -52,12 +53,12 @@ def unstack(tree):
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
-@pytest.mark.parametrize("radius", ["absolute", "relative"])
-def test_one_group_is_todays_amp_bitwise(k, norm, radius):
+@pytest.mark.parametrize("relative", [False, True])
+def test_one_group_is_amp_bitwise(k, norm, relative):
   params, batch = make_problem()
-  eps = 0.2 if radius == "absolute" else 0.05
-  tx = amp_optax.amp(eps, inner_steps=k, norm=norm, radius=radius)
-  grouped = amp_optax.amp(eps, inner_steps=k, norm=norm, radius=radius, num_groups=1)
+  eps = 0.05 if relative else 0.2
+  tx = amp_optax.amp(eps, inner_steps=k, norm=norm, relative=relative)
+  grouped = amp_optax.grouped_amp(eps, num_groups=1, inner_steps=k, norm=norm, relative=relative)
 
   @jax.jit
   def today(p):
@@ -70,9 +71,12 @@ def test_one_group_is_todays_amp_bitwise(k, norm, radius):
                           grad_fn=lambda q, _: stack(jax.grad(loss_fn)(unstack(q), batch)))
 
   (want, want_state), (got, got_state) = today(params), one_group(params)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
-  assert float(want_state.delta_norm) == float(got_state.delta_norm)
+  assert isinstance(got_state, amp_optax.AmpState)
+  for name in ("count", "delta_norm", "clean_grad_norm", "perturbed_grad_norm"):
+    assert float(getattr(want_state, name)) == float(getattr(got_state, name)), name
 
 
 def reference(params, batch, groups, eps, lr, k, norm):
@@ -100,9 +104,9 @@ def reference(params, batch, groups, eps, lr, k, norm):
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
 def test_groups_match_a_numpy_reference(k, norm):
   params, batch = make_problem()
-  tx = amp_optax.amp(0.3, inner_lr=2.0, inner_steps=k, norm=norm, num_groups=4)
-  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-      loss_fn, params, amp_optax.group_batch(batch, 4))
+  tx = amp_optax.grouped_amp(0.3, num_groups=4, inner_lr=2.0, inner_steps=k, norm=norm)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+      params, amp_optax.group_batch(batch, 4))
   got, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, grad_fn=amp_grad_fn))(grads, params)
   want = reference(params, batch, 4, 0.3, 2.0, k, norm)
   for n in params:
@@ -113,9 +117,9 @@ def test_groups_match_a_numpy_reference(k, norm):
 
 def test_epsilon_zero_is_the_whole_batch_gradient():
   params, batch = make_problem()
-  tx = amp_optax.amp(0.0, num_groups=4)
-  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-      loss_fn, params, amp_optax.group_batch(batch, 4))
+  tx = amp_optax.grouped_amp(0.0, num_groups=4)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+      params, amp_optax.group_batch(batch, 4))
   got, _ = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
   want = jax.grad(loss_fn)(params, batch)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -124,20 +128,100 @@ def test_epsilon_zero_is_the_whole_batch_gradient():
 
 def test_errors_say_what_to_change():
   params, batch = make_problem()
-  tx = amp_optax.amp(0.1, num_groups=4)
-  with pytest.raises(ValueError, match=r"leading group axis.*grouped_value_and_grad"):
+  tx = amp_optax.grouped_amp(0.1, num_groups=4)
+  with pytest.raises(ValueError, match=r"^grouped_amp\(num_groups=4\): .*leading group axis.*"
+                     r"grouped_value_and_grad"):
     tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params,
               grad_fn=lambda q, _: jax.grad(loss_fn)(q, batch))
-  with pytest.raises(TypeError, match=r"`num_groups` must be a Python int"):
-    amp_optax.amp(0.1, num_groups=2.0)
   with pytest.raises(ValueError, match=r"does not split into 5 groups"):
     amp_optax.group_batch(batch, 5)
+
+
+@pytest.mark.parametrize("num_groups, error", [
+    (0, ValueError), (-2, ValueError), (2.0, TypeError), ("4", TypeError), (True, TypeError),
+    (None, TypeError), (jnp.asarray(4), TypeError)])
+def test_grouped_amp_rejects_a_num_groups_that_is_not_a_positive_int(num_groups, error):
+  with pytest.raises(error, match=r"^grouped_amp\(\): `num_groups` must be"):
+    amp_optax.grouped_amp(0.1, num_groups=num_groups)
+
+
+def test_grouped_amp_needs_num_groups_and_amp_has_none():
+  with pytest.raises(TypeError, match="num_groups"):
+    amp_optax.grouped_amp(0.1)
+  assert "num_groups" not in inspect.signature(amp_optax.amp).parameters
+  with pytest.raises(TypeError, match="num_groups"):
+    amp_optax.amp(0.1, num_groups=4)
+
+
+def test_grouped_amp_takes_no_ascend():
+  """ascend (and reuse) are amp's: grouped_amp says so instead of ignoring it."""
+  params, batch = make_problem()
+  tx = amp_optax.grouped_amp(0.1, num_groups=4)
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+      params, amp_optax.group_batch(batch, 4))
+  for ascend in (False, True):
+    with pytest.raises(TypeError, match=r"grouped_amp\(\): `ascend` is an argument of amp"):
+      tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn, ascend=ascend)
+  assert "reuse_correction" not in inspect.signature(amp_optax.grouped_amp).parameters
+
+
+@pytest.mark.parametrize("num_groups, error", [
+    (0, ValueError), (-1, ValueError), (2.0, TypeError), (None, TypeError)])
+def test_group_batch_rejects_a_bad_num_groups_by_name(num_groups, error):
+  """Not a ZeroDivisionError (0) or a reshape error: an error naming num_groups."""
+  _, batch = make_problem()
+  with pytest.raises(error, match=r"^group_batch\(\): `num_groups` must be"):
+    amp_optax.group_batch(batch, num_groups)
+
+
+def test_group_batch_rejects_a_0d_leaf():
+  _, batch = make_problem()
+  for scalar in (jnp.asarray(1.0), 1.0, np.float32(2.0)):
+    with pytest.raises(ValueError, match=r"^group_batch\(\): .*leading example axis.*0-d leaf"):
+      amp_optax.group_batch({**batch, "scale": scalar}, 4)
+
+
+def test_grouped_value_and_grad_is_curried():
+  """grouped_value_and_grad(loss_fn, has_aux=...) returns f(params, *grouped_args), as
+  jax.value_and_grad does: per-group losses and gradients, against a loop over the groups."""
+  params, batch = make_problem()
+  grouped = amp_optax.group_batch(batch, 4)
+  losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, grouped)
+  assert losses.shape == (4,)
+  for j in range(4):
+    group = jax.tree.map(lambda x, j=j: x[j], grouped)
+    np.testing.assert_allclose(losses[j], loss_fn(params, group), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x, j=j: x[j], grads)),
+                    jax.tree.leaves(jax.grad(loss_fn)(params, group))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # amp_grad_fn: group j's gradient at group j's parameters.
+  stacked = jax.tree.map(lambda p: jnp.stack([p * (1.0 + 0.1 * j) for j in range(4)]), params)
+  at = amp_grad_fn(stacked, 0)
+  for j in range(4):
+    want = jax.grad(loss_fn)(jax.tree.map(lambda p, j=j: p[j], stacked),
+                             jax.tree.map(lambda x, j=j: x[j], grouped))
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x, j=j: x[j], at)),
+                    jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # has_aux: (loss, aux) per group; amp_grad_fn returns the gradients only.
+  aux_loss = lambda p, b: (loss_fn(p, b), {"n": b["x"].shape[0]})
+  (aux_losses, aux), aux_grads, aux_grad_fn = amp_optax.grouped_value_and_grad(
+      aux_loss, has_aux=True)(params, grouped)
+  np.testing.assert_array_equal(aux_losses, losses)
+  np.testing.assert_array_equal(aux["n"], np.full((4,), 8))
+  for a, b in zip(jax.tree.leaves(aux_grads), jax.tree.leaves(grads)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(aux_grad_fn(stacked, 0)) == jax.tree.structure(params)
+  # The 0.1 form, grouped_value_and_grad(loss_fn, params, grouped_batch), is gone.
+  with pytest.raises(TypeError):
+    amp_optax.grouped_value_and_grad(loss_fn, params, grouped)
 
 
 def training_run(mesh_devices, steps=3, k=2):
   """Three grouped AMP steps under jit, the group axis sharded over ``mesh_devices`` devices."""
   params, batch = make_problem()
-  tx = optax.chain(amp_optax.amp(0.2, inner_steps=k, num_groups=G), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(amp_optax.grouped_amp(0.2, num_groups=G, inner_steps=k),
+                   optax.sgd(0.1, momentum=0.9))
   grouped = amp_optax.group_batch(batch, G)
   mesh = jax.make_mesh((mesh_devices,), ("data",), devices=jax.devices()[:mesh_devices])
   grouped = jax.device_put(grouped, NamedSharding(mesh, P("data")))
@@ -146,7 +230,7 @@ def training_run(mesh_devices, steps=3, k=2):
 
   @jax.jit
   def step(params, opt_state, grouped):
-    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, grouped)
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, grouped)
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
     return optax.apply_updates(params, updates), opt_state
 
@@ -200,14 +284,14 @@ def test_shard_map_and_pmap_with_local_groups_match_jit(devices):
   want, _, _ = training_run(1)
   params, batch = make_problem()
   grouped = amp_optax.group_batch(batch, G)
-  tx = optax.chain(amp_optax.amp(0.2, inner_steps=2, num_groups=G // devices,
-                                 batch_axis_name="data"),
+  tx = optax.chain(amp_optax.grouped_amp(0.2, num_groups=G // devices, inner_steps=2,
+                                         batch_axis_name="data"),
                    optax.sgd(0.1, momentum=0.9))
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices],
                        axis_types=(jax.sharding.AxisType.Explicit,))
 
   def body(params, opt_state, local):
-    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, local)
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, local)
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
     return optax.apply_updates(params, updates), opt_state
 
@@ -236,12 +320,12 @@ def test_without_batch_axis_name_local_groups_under_shard_map_raise():
     pytest.skip("needs 2 devices")
   params, batch = make_problem()
   grouped = amp_optax.group_batch(batch, 4)
-  tx = amp_optax.amp(0.2, num_groups=2)
+  tx = amp_optax.grouped_amp(0.2, num_groups=2)
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
 
   @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
   def body(params, local):
-    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn, params, local)
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, local)
     return tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)[0]
 
   with pytest.raises(ValueError, match=r"batch_axis_name='data'"):

@@ -258,3 +258,29 @@ def test_inject_hyperparams_around_drop_in_amp_names_the_fix_and_then_runs():
   expected, _ = plain.update(GRAD(params, BATCH), plain.init(params), params)
   for k in params:
     np.testing.assert_allclose(updates[k], expected[k], rtol=1e-6)
+
+
+def test_reuse_correction_is_not_stored_from_a_step_with_a_negative_traced_epsilon():
+  """That step's updates are NaN; the steps without ascent after it stay clean + the last
+  valid correction (zero here), not a correction from the invalid step."""
+  bad = 2**25
+  tx = amp_optax.amp(lambda count: jnp.where(count == bad, -0.5, 0.5), reuse_correction=True)
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  loss = lambda q: jnp.sum(q["w"] ** 4)  # noqa: E731
+  clean = jax.grad(loss)(params)
+  step = jax.jit(lambda s, ascend: tx.update(clean, s, params, grad_fn=jax.grad(
+      lambda q, _: loss(q)), ascend=ascend), static_argnums=1)
+  updates, state = step(tx.init(params)._replace(count=jnp.asarray(bad, jnp.int32)), True)
+  assert np.all(np.isnan(updates["w"]))
+  updates, state = step(state, False)
+  np.testing.assert_array_equal(updates["w"], clean["w"])
+
+
+def test_infinite_inner_lr_is_refused_at_build():
+  with pytest.raises(ValueError, match="`inner_lr` must be finite"):
+    amp_optax.amp(0.1, inner_lr=float("inf"))
+
+
+def test_grouped_amp_errors_name_grouped_amp():
+  with pytest.raises(TypeError, match=r"^grouped_amp\(\): `batch_axis_name`"):
+    amp_optax.grouped_amp(0.1, num_groups=2, batch_axis_name=3)

@@ -21,7 +21,6 @@ does.
 
 import functools
 
-import chex
 import conformance_functions as cf
 import jax
 import jax.numpy as jnp
@@ -54,7 +53,33 @@ def make_base(name, learning_rate):
 
 
 def make_tx(k, norm, base, *, eps=0.1, inner_lr=0.5, lr=0.1):
-  return optax.chain(amp_optax.amp(eps, inner_lr, k, norm), make_base(base, lr))
+  return optax.chain(amp_optax.amp(eps, inner_lr=inner_lr, inner_steps=k, norm=norm),
+                     make_base(base, lr))
+
+
+def _wide(x):
+  """A leaf as float64 (complex128) NumPy, so that bf16 and complex leaves compare alike."""
+  x = np.asarray(x)
+  if np.iscomplexobj(x):
+    return x.astype(np.complex128)
+  return x.astype(np.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def assert_trees_close(got, want, rtol=1e-6, atol=0.0):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(_wide(a), _wide(b), rtol=rtol, atol=atol)
+
+
+def assert_trees_equal(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def assert_tree_finite(tree):
+  for x in jax.tree.leaves(tree):
+    assert np.all(np.isfinite(_wide(x))), x
 
 
 # A small tree with a matrix, a vector and a scalar leaf, and a loss coupling
@@ -119,7 +144,7 @@ def test_extra_args_accepted_without_recompiling(k, norm, base):
   for _ in range(3):
     params, state = step(params, state)
   assert len(traces) == 1, f"the step was traced {len(traces)} times for 3 calls, want 1"
-  chex.assert_tree_all_finite(params)
+  assert_tree_finite(params)
 
   # Unknown extra args are ignored: the same update as without them.
   params = tree_params()
@@ -128,7 +153,7 @@ def test_extra_args_accepted_without_recompiling(k, norm, base):
   plain = jax.jit(update)(tree_grad(params), state, params)
   extra = jax.jit(functools.partial(update, unexpected_extra_args_your_optimizer_doesnt_expect=1))(
       tree_grad(params), state, params, value=jnp.ones(()))
-  chex.assert_trees_all_equal(plain, extra)
+  assert_trees_equal(plain, extra)
 
 
 def test_value_reaches_a_later_chain_element():
@@ -149,7 +174,7 @@ def test_value_reaches_a_later_chain_element():
   for value in (0.5, 2.0):
     updates, _ = update(state, jnp.asarray(value))
     want, _ = polyak.update(adv_grad, polyak.init(params), params, value=jnp.asarray(value))
-    chex.assert_trees_all_close(updates, want, rtol=1e-5)
+    assert_trees_close(updates, want, rtol=1e-5)
     got.append(updates)
   # The two values give different steps (Polyak's step size is value / |g|^2).
   assert not np.allclose(got[0]["w"], got[1]["w"])
@@ -181,9 +206,9 @@ def test_inject_hyperparams_wrapping_amp(k, norm, base):
 
   p_inj, s_inj, u_inj = _two_steps(step_inj, params, tx_inj.init(params))
   p_ref, s_ref, u_ref = _two_steps(step_ref, params, tx_ref.init(params))
-  chex.assert_trees_all_close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(s_inj[0].inner_state, s_ref[0], rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(s_inj[1], s_ref[1], rtol=1e-5, atol=1e-7)
+  assert_trees_close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
+  assert_trees_close(s_inj[0].inner_state, s_ref[0], rtol=1e-5, atol=1e-7)
+  assert_trees_close(s_inj[1], s_ref[1], rtol=1e-5, atol=1e-7)
 
   assert set(s_inj[0].hyperparams) == {"epsilon", "inner_lr"}
   # A new epsilon between steps: the update follows it, with no new trace.
@@ -192,7 +217,7 @@ def test_inject_hyperparams_wrapping_amp(k, norm, base):
   _, _, u_want = counted_step(make_tx(k, norm, base, eps=0.02, inner_lr=0.5), tree_grad)[0](
       p_ref, s_ref)
   _, _, u_old = step_ref(p_ref, s_ref)
-  chex.assert_trees_all_close(u_new, u_want, rtol=1e-5, atol=1e-7)
+  assert_trees_close(u_new, u_want, rtol=1e-5, atol=1e-7)
   assert not np.allclose(u_new["w"], u_old["w"], rtol=1e-4), "epsilon change had no effect"
   assert len(traces) == 1, f"injected step traced {len(traces)} times, want 1"
 
@@ -202,7 +227,8 @@ def test_inject_hyperparams_wrapping_the_whole_chain(k, norm, base):
   """inject_hyperparams over a factory of the whole chain, as users write for schedules."""
 
   def whole_chain(epsilon, inner_lr, learning_rate):
-    return optax.chain(amp_optax.amp(epsilon, inner_lr, k, norm), make_base(base, learning_rate))
+    return optax.chain(amp_optax.amp(epsilon, inner_lr=inner_lr, inner_steps=k, norm=norm),
+                       make_base(base, learning_rate))
 
   tx_inj = optax.inject_hyperparams(whole_chain)(epsilon=0.1, inner_lr=0.5, learning_rate=0.1)
   tx_ref = make_tx(k, norm, base, eps=0.1, inner_lr=0.5, lr=0.1)
@@ -211,15 +237,15 @@ def test_inject_hyperparams_wrapping_the_whole_chain(k, norm, base):
   step_ref, _ = counted_step(tx_ref, tree_grad)
   p_inj, s_inj, u_inj = _two_steps(step_inj, params, jax.jit(tx_inj.init)(params))
   p_ref, s_ref, u_ref = _two_steps(step_ref, params, tx_ref.init(params))
-  chex.assert_trees_all_close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(s_inj.inner_state, s_ref, rtol=1e-5, atol=1e-7)
+  assert_trees_close(u_inj, u_ref, rtol=1e-5, atol=1e-7)
+  assert_trees_close(s_inj.inner_state, s_ref, rtol=1e-5, atol=1e-7)
 
   s_inj.hyperparams["epsilon"] = jnp.asarray(0.02, jnp.float32)
   _, _, u_new = step_inj(p_inj, s_inj)
   _, _, u_want = counted_step(make_tx(k, norm, base, eps=0.02, inner_lr=0.5), tree_grad)[0](
       p_ref, s_ref)
   _, _, u_old = step_ref(p_ref, s_ref)
-  chex.assert_trees_all_close(u_new, u_want, rtol=1e-5, atol=1e-7)
+  assert_trees_close(u_new, u_want, rtol=1e-5, atol=1e-7)
   assert not np.allclose(u_new["w"], u_old["w"], rtol=1e-4), "epsilon change had no effect"
   assert len(traces) == 1, f"injected step traced {len(traces)} times, want 1"
 
@@ -270,7 +296,7 @@ def test_dtype_and_state_stable_across_steps(dtype, k, norm, base):
     assert shapes_dtypes(state) == shapes_dtypes(state0)
     assert seen and all(s == shapes_dtypes(tree_params(dtype)) for s in seen), (
         f"grad_fn saw {seen[0]}, params are {shapes_dtypes(tree_params(dtype))}")
-    chex.assert_tree_all_finite((params, state))
+    assert_tree_finite((params, state))
     # The parameters moved: the update was not the zero branch.
     assert not np.allclose(np.asarray(params["w"], np.complex128),
                            np.asarray(tree_params(dtype)["w"], np.complex128))
@@ -343,7 +369,8 @@ def test_state_and_updates_keep_their_sharding():
       _assert_same_sharding(p[key].sharding, params[key].sharding, params[key].ndim)
     return len(traces)
 
-  n_amp = run(optax.chain(amp_optax.amp(0.1, 0.5, 2, "global"), optax.adam(1e-2)))
+  n_amp = run(optax.chain(amp_optax.amp(0.1, inner_lr=0.5, inner_steps=2, norm="global"),
+                          optax.adam(1e-2)))
   n_base = run(optax.adam(1e-2))
   assert n_amp <= n_base, f"the AMP chain traced {n_amp} times, adam alone {n_base}"
 
@@ -373,7 +400,7 @@ def test_amp_outside_multisteps_is_per_micro_batch_ascent(k, norm, base):
   rng = np.random.default_rng(0)
   xs = rng.normal(size=(2 * n_micro, 4, 3))
   ys = rng.normal(size=(2 * n_micro, 4))
-  tx = optax.chain(amp_optax.amp(eps, inner_lr, k, norm),
+  tx = optax.chain(amp_optax.amp(eps, inner_lr=inner_lr, inner_steps=k, norm=norm),
                    optax.MultiSteps(make_base(base, lr), n_micro).gradient_transformation())
 
   @jax.jit
@@ -398,7 +425,7 @@ def test_amp_outside_multisteps_is_per_micro_batch_ascent(k, norm, base):
       params, state, updates = micro_step(params, state, jnp.asarray(x, jnp.float32),
                                           jnp.asarray(y, jnp.float32))
       if i < n_micro - 1:
-        chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+        assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, updates))
     mean = {key: np.mean([g[key] for g in adv], axis=0) for key in ref_params}
     ref_params = ref_base.step(ref_params, mean)
     for key in ref_params:
@@ -416,12 +443,12 @@ def test_multisteps_after_amp_keeps_dtypes(dtype):
   fun = lambda x: jnp.sum(x**2)
   grad = jax.grad(fun)
   params = jnp.asarray([1.0, 2.0], dtype)
-  tx = optax.chain(amp_optax.amp(0.1, 0.5, 2, "per_tensor"),
+  tx = optax.chain(amp_optax.amp(0.1, inner_lr=0.5, inner_steps=2, norm="per_tensor"),
                    optax.MultiSteps(optax.adamw(1e-1), 4).gradient_transformation())
   state = jax.jit(tx.init)(params)
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn_of(grad)))
   updates, new_state = update(grad(params), state, params)
-  chex.assert_trees_all_equal(updates, jnp.zeros_like(params))
+  assert_trees_equal(updates, jnp.zeros_like(params))
   assert updates.dtype == dtype
   assert shapes_dtypes(new_state) == shapes_dtypes(state)
 
@@ -444,7 +471,8 @@ def test_schedules_evaluated_at_the_update_count(k, norm):
   g64 = {"a": np.array([3.0, 4.0]), "c": np.array([[1.0, -2.0], [0.5, 2.0]])}
   params = {key: jnp.zeros(v.shape) for key, v in g64.items()}
   grads = {key: jnp.asarray(v, jnp.float32) for key, v in g64.items()}
-  tx = optax.chain(amp_optax.amp(eps_schedule, lr_schedule, k, norm), optax.scale(1.0))
+  tx = optax.chain(amp_optax.amp(eps_schedule, inner_lr=lr_schedule, inner_steps=k, norm=norm),
+                   optax.scale(1.0))
   update = jax.jit(lambda s: tx.update(grads, s, params, grad_fn=lambda q, _: q))
   state = tx.init(params)
   for t in range(5):
@@ -461,7 +489,8 @@ def test_constant_schedules_equal_constants():
   """optax: an optimiser given constant schedules behaves as with the constants."""
   params = tree_params()
   with_schedules = optax.chain(
-      amp_optax.amp(optax.constant_schedule(0.1), optax.constant_schedule(0.5), 2, "global"),
+      amp_optax.amp(optax.constant_schedule(0.1), inner_lr=optax.constant_schedule(0.5),
+                    inner_steps=2, norm="global"),
       optax.adam(optax.constant_schedule(1e-2)))
   with_constants = make_tx(2, "global", "adam", eps=0.1, inner_lr=0.5, lr=1e-2)
   ends = []
@@ -471,7 +500,7 @@ def test_constant_schedules_equal_constants():
     for _ in range(5):
       p, s, _ = step(p, s)
     ends.append(p)
-  chex.assert_trees_all_close(ends[0], ends[1], rtol=1e-6, atol=1e-7)
+  assert_trees_close(ends[0], ends[1], rtol=1e-6, atol=1e-7)
 
 
 def test_tree_map_params_over_the_chain_state():
@@ -481,10 +510,10 @@ def test_tree_map_params_over_the_chain_state():
   step, _ = counted_step(tx, tree_grad)
   _, state, _ = step(params, tx.init(params))
   same = optax.tree.map_params(tx, lambda v: v, state)
-  chex.assert_trees_all_equal(same, state)
+  assert_trees_equal(same, state)
   doubled = optax.tree.map_params(tx, lambda v: 2 * v, state)
-  chex.assert_trees_all_equal(doubled[0], state[0])  # AmpState: count and norms untouched
-  chex.assert_trees_all_close(doubled[1][0].mu, jax.tree.map(lambda v: 2 * v, state[1][0].mu))
+  assert_trees_equal(doubled[0], state[0])  # AmpState: count and norms untouched
+  assert_trees_close(doubled[1][0].mu, jax.tree.map(lambda v: 2 * v, state[1][0].mu))
   assert float(state[0].delta_norm) > 0
 
 
@@ -519,13 +548,13 @@ def test_epsilon_zero_reaches_the_classic_optimum(target, k, norm, base):
   grad = jax.grad(objective)
   tx = make_tx(k, norm, base, eps=0.0, inner_lr=1.0, lr=CONVERGENCE_LR[base])
   got = run_scan(tx, grad, init, 10_000)
-  chex.assert_trees_all_close(got, final, rtol=3e-2, atol=3e-2)
+  assert_trees_close(got, final, rtol=3e-2, atol=3e-2)
   # The same path as the base alone, over the first 100 steps: later, adam near
   # its optimum divides tiny gradients by their own scale, which amplifies the
   # rounding differences of two compiled programs to 1e-2 (measured).
   first = run_scan(tx, grad, init, 100)
   alone = run_scan(make_base(base, CONVERGENCE_LR[base]), grad, init, 100)
-  chex.assert_trees_all_close(first, alone, rtol=1e-5, atol=1e-6)
+  assert_trees_close(first, alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.3])
@@ -539,7 +568,7 @@ def test_complex_parabola(eps):
   tx = make_tx(2, "global", "adam", eps=eps, inner_lr=0.1, lr=1e-1)
   got = run_scan(tx, cf.conj_grad(objective), init, 10_000)
   assert got.dtype == jnp.complex64
-  chex.assert_trees_all_close(got, final, rtol=3e-2, atol=3e-2)
+  assert_trees_close(got, final, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("target", [cf.parabola, cf.matrix_parabola, cf.mixed_tensor_target],
@@ -557,7 +586,7 @@ def test_isotropic_targets_keep_their_optimum_with_epsilon(target, k, norm, base
   init, final, objective = target(jnp.float32)
   tx = make_tx(k, norm, base, eps=0.3, inner_lr=0.1, lr=CONVERGENCE_LR[base])
   got = run_scan(tx, jax.grad(objective), init, 10_000)
-  chex.assert_trees_all_close(got, final, rtol=3e-2, atol=3e-2)
+  assert_trees_close(got, final, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("k,norm,base", CONFIGS)
@@ -616,7 +645,7 @@ def test_rosenbrock_amp_converges_to_the_amp_loss_minimiser_not_1_1(base, lr):
   assert f_at_1_1 > 1.5 * f_min  # the optax target is far from optimal for AMP
 
   init, _, objective = cf.rosenbrock(jnp.float32)
-  tx = optax.chain(amp_optax.amp(eps, 1.0, 5, "global"),
+  tx = optax.chain(amp_optax.amp(eps, inner_lr=1.0, inner_steps=5, norm="global"),
                    make_base(base, optax.cosine_decay_schedule(lr, n_steps)))
   got = np.asarray(run_scan(tx, jax.grad(objective), init, n_steps), np.float64)
   f_got = float(cf.np_rosenbrock_amp_loss(got[0], got[1], eps))
@@ -667,9 +696,9 @@ def test_zero_gradients_give_no_nan(k, norm, base):
   for _ in range(2):
     updates, state = update(state)
     want, base_state = base_tx.update(zeros, base_state, params)
-  chex.assert_tree_all_finite((updates, state))
+  assert_tree_finite((updates, state))
   # adamw's weight decay makes its step nonzero; sgd's and adam's are 0.
-  chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=0)
+  assert_trees_close(updates, want, rtol=1e-6, atol=0)
   assert float(state[0].delta_norm) == 0.0
 
 
@@ -721,59 +750,69 @@ def test_jit_of_init_and_update_matches_eager(k, norm, base):
   params = tree_params()
   tx = make_tx(k, norm, base)
   state = tx.init(params)
-  chex.assert_trees_all_equal(jax.jit(tx.init)(params), state)
+  assert_trees_equal(jax.jit(tx.init)(params), state)
   eager = tx.update(tree_grad(params), state, params, grad_fn=grad_fn_of(tree_grad))
   jitted = jax.jit(functools.partial(tx.update, grad_fn=grad_fn_of(tree_grad)))(
       tree_grad(params), state, params)
-  chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-7)
+  assert_trees_close(jitted, eager, rtol=1e-6, atol=1e-7)
 
 
-def test_apply_if_finite_outside_skips_a_nan_clean_gradient():
-  """apply_if_finite(chain(amp, base)): a NaN clean gradient is skipped, state not poisoned.
+# The one test in this directory of where optax.apply_if_finite goes around amp (tests/test_docs.py
+# checks what docs/guides/accumulation.md says about it).
+APPLY_IF_FINITE = {
+    "outside": lambda: optax.apply_if_finite(make_tx(2, "global", "adam"),
+                                             max_consecutive_errors=3),
+    "inside": lambda: optax.chain(
+        amp_optax.amp(0.1, inner_lr=0.5, inner_steps=2, norm="global"),
+        optax.apply_if_finite(make_base("adam", 0.1), max_consecutive_errors=3)),
+}
 
-  The run with a NaN gradient at step 2 ends where a run without that step
-  ends, with the same inner state.
+
+@pytest.mark.parametrize("nan_at", ["clean", "perturbed"])
+@pytest.mark.parametrize("placement", list(APPLY_IF_FINITE))
+def test_apply_if_finite_placement(placement, nan_at):
+  """A NaN in the clean gradient, or only at theta + Delta, on step 2 of 3.
+
+  Outside (around the whole chain) apply_if_finite checks the clean gradient only: it skips a
+  NaN clean gradient, but a NaN only at the perturbed point passes into the params. Inside
+  (around the base optimiser, after amp) it sees amp's output and skips both. A skipped step
+  leaves the params and the base optimiser's state as they were: the run then ends where a run
+  without that step ends, with the same base state.
   """
-  tx = optax.apply_if_finite(make_tx(2, "global", "adam"), max_consecutive_errors=3)
-  ref = make_tx(2, "global", "adam")
-  grad_fn = grad_fn_of(tree_grad)
+  tx = APPLY_IF_FINITE[placement]()
 
   @jax.jit
   def step(params, state, poison):
-    grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), tree_grad(params))
-    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
-    return optax.apply_updates(params, updates), state
+    poisoned = lambda g: jax.tree.map(lambda x: jnp.where(poison, jnp.nan, x), g)
+    clean, grad_fn = tree_grad(params), grad_fn_of(tree_grad)
+    if nan_at == "clean":
+      clean = poisoned(clean)
+    else:
+      grad_fn = lambda p, _: poisoned(tree_grad(p))
+    updates, state = tx.update(clean, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, updates
 
+  guard = (lambda s: s) if placement == "outside" else (lambda s: s[1])
   params, state = tree_params(), tx.init(tree_params())
-  for poison in (False, True, False):
-    params, state = step(params, state, poison)
-  assert int(state.total_notfinite) == 1
+  params, state, _ = step(params, state, False)
+  params, state, updates = step(params, state, True)
+  if placement == "outside" and nan_at == "perturbed":  # the check saw a finite gradient
+    assert int(guard(state).total_notfinite) == 0
+    assert all(np.isnan(np.asarray(p)).all() for p in jax.tree.leaves(params))
+    return
+  assert int(guard(state).total_notfinite) == 1
+  assert_trees_equal(updates, jax.tree.map(jnp.zeros_like, params))  # skipped
+  params, state, _ = step(params, state, False)
+
+  ref = make_tx(2, "global", "adam")
   ref_params, ref_state = tree_params(), ref.init(tree_params())
   ref_step, _ = counted_step(ref, tree_grad)
   for _ in range(2):
     ref_params, ref_state, _ = ref_step(ref_params, ref_state)
-  chex.assert_tree_all_finite((params, state))
-  chex.assert_trees_all_close(params, ref_params, rtol=1e-6)
-  chex.assert_trees_all_close(state.inner_state, ref_state, rtol=1e-6)
-
-
-def test_apply_if_finite_placement_for_a_nan_at_the_perturbed_point():
-  """Pins down where apply_if_finite must sit to catch a NaN only at theta + Delta.
-
-  Outside the chain it checks the clean gradient only, so the NaN passes into
-  the params; around the base optimiser (after amp) it sees amp's output and
-  skips the step, keeping the params and the base state finite.
-  """
-  params = tree_params()
-  nan_fn = lambda p, _: jax.tree.map(lambda g: g * jnp.nan, tree_grad(p))
-  outside = optax.apply_if_finite(make_tx(1, "global", "adam"), max_consecutive_errors=3)
-  updates, _ = outside.update(tree_grad(params), outside.init(params), params, grad_fn=nan_fn)
-  assert not np.isfinite(np.asarray(updates["w"])).all()
-
-  inside = optax.chain(amp_optax.amp(0.1, 0.5, 1, "global"),
-                       optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3))
-  state = inside.init(params)
-  updates, state = inside.update(tree_grad(params), state, params, grad_fn=nan_fn)
-  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  chex.assert_tree_all_finite(state[1].inner_state)
-  assert int(state[1].total_notfinite) == 1
+  assert_tree_finite((params, guard(state).inner_state))
+  assert_trees_close(params, ref_params, rtol=1e-6)
+  if placement == "outside":  # the whole chain skipped: amp's state too
+    assert_trees_close(state.inner_state, ref_state, rtol=1e-6)
+  else:  # amp ran on the skipped step; only the base was skipped
+    assert_trees_close(state[1].inner_state, ref_state[1], rtol=1e-6)
+    assert int(state[0].count) == 3

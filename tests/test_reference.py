@@ -6,6 +6,8 @@ then weight decay and SGD with Nesterov momentum (PyTorch's / optax.trace's
 formula: buf = m * buf + g; step = g + m * buf).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,9 +141,9 @@ def test_projection_is_active_in_reference_problem(x64):
 # ------------------------------------------- relative radius and the cheaper step (issue 10)
 
 
-def np_radii(params, eps, norm, radius):
+def np_radii(params, eps, norm, relative):
   """The ball: one radius per tensor (per_tensor) or one for all (global)."""
-  if radius == "absolute":
+  if not relative:
     return eps
   if norm == "per_tensor":
     return {k: eps * np.sqrt(np.sum(v**2)) for k, v in params.items()}
@@ -159,7 +161,7 @@ def np_project_radii(delta, radii, norm):
   return np_project(delta, radii, "global")
 
 
-def np_amp_sgd_general(params, x, y, *, steps, eps, inner_lr, k_steps, norm, radius, every,
+def np_amp_sgd_general(params, x, y, *, steps, eps, inner_lr, k_steps, norm, relative, every,
                        reuse, lr, momentum):
   """SGD + momentum on AMP gradients; ascent on every ``every``-th step only.
 
@@ -173,7 +175,7 @@ def np_amp_sgd_general(params, x, y, *, steps, eps, inner_lr, k_steps, norm, rad
   for t in range(steps):
     _, clean = np_loss_and_grad(params, x, y)
     if t % every == 0:
-      radii = np_radii(params, eps, norm, radius)
+      radii = np_radii(params, eps, norm, relative)
       g = clean
       delta = {k: np.zeros_like(v) for k, v in params.items()}
       for _ in range(k_steps):
@@ -189,21 +191,27 @@ def np_amp_sgd_general(params, x, y, *, steps, eps, inner_lr, k_steps, norm, rad
   return history
 
 
-def jax_amp_sgd_general(params, x, y, *, steps, lr, momentum, **amp_kwargs):
+def jax_amp_sgd_general(params, x, y, *, steps, lr, momentum, every=1, **amp_kwargs):
+  """The library: ``amp`` then SGD with momentum, one jitted step per value of ``ascend``.
+
+  ``ascend = t % every == 0`` is decided in Python for each step and passed to ``update``
+  (a static argument of the jitted step); steps without an ascent pass no ``grad_fn``.
+  """
   tx = optax.chain(amp_optax.amp(**amp_kwargs), optax.sgd(lr, momentum=momentum))
 
-  @jax.jit
-  def step(params, opt_state):
+  @functools.partial(jax.jit, static_argnames="ascend")
+  def step(params, opt_state, ascend):
     grads = jax.grad(jax_loss)(params, x, y)
-    updates, opt_state = tx.update(
-        grads, opt_state, params, grad_fn=jax.grad(lambda p, _: jax_loss(p, x, y)))
+    grad_fn = {"grad_fn": jax.grad(lambda p, _: jax_loss(p, x, y))} if ascend else {}
+    updates, opt_state = tx.update(grads, opt_state, params, ascend=ascend, **grad_fn)
     return optax.apply_updates(params, updates), opt_state
 
   opt_state = tx.init(params)
   history = []
-  for _ in range(steps):
-    params, opt_state = step(params, opt_state)
+  for t in range(steps):
+    params, opt_state = step(params, opt_state, ascend=t % every == 0)
     history.append(params)
+  assert step._cache_size() == (2 if every > 1 else 1)  # one compiled step per value of ascend
   return history
 
 
@@ -213,36 +221,38 @@ def test_relative_radius_matches_float64_reference(x64, norm, k_steps):
   params, x, y = make_problem()
   params["b1"] = np.zeros_like(params["b1"])  # a zero tensor: radius 0 per tensor
   hp = dict(steps=5, eps=0.05, inner_lr=0.7, k_steps=k_steps, norm=norm, lr=0.1, momentum=0.9)
-  want = np_amp_sgd_general(params, x, y, radius="relative", every=1, reuse=False, **hp)
+  want = np_amp_sgd_general(params, x, y, relative=True, every=1, reuse=False, **hp)
   got = jax_amp_sgd_general(
       jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(y), steps=5, lr=0.1,
-      momentum=0.9, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps, norm=norm,
-      radius="relative")
+      momentum=0.9, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps, norm=norm, relative=True)
   for w, g in zip(want, got):
     for k in w:
       np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=1e-10, atol=1e-12)
   # Guard: the relative ball is not the absolute one of the same epsilon.
-  absolute = np_amp_sgd_general(params, x, y, radius="absolute", every=1, reuse=False, **hp)
+  absolute = np_amp_sgd_general(params, x, y, relative=False, every=1, reuse=False, **hp)
   assert max(np.max(np.abs(absolute[-1][k] - want[-1][k])) for k in params) > 1e-6
 
 
 @pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("k_steps", [1, 2])
-def test_ascent_every_matches_float64_reference(x64, reuse, k_steps):
+def test_ascend_every_third_step_from_python_matches_float64_reference(x64, reuse, k_steps):
+  """ascend=(t % 3 == 0) decided in Python per call: ascents at steps 0, 3, 6 of the reference
+  that ascends every 3rd step; in between the clean gradient, plus (reuse_correction) the last
+  ascent's adversarial-minus-clean gradient."""
   params, x, y = make_problem()
   hp = dict(steps=7, eps=0.05, inner_lr=0.7, k_steps=k_steps, norm="per_tensor", lr=0.1,
             momentum=0.9)
-  want = np_amp_sgd_general(params, x, y, radius="absolute", every=3, reuse=reuse, **hp)
+  want = np_amp_sgd_general(params, x, y, relative=False, every=3, reuse=reuse, **hp)
   got = jax_amp_sgd_general(
       jax.tree.map(jnp.asarray, params), jnp.asarray(x), jnp.asarray(y), steps=7, lr=0.1,
-      momentum=0.9, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps, ascent_every=3,
-      between_ascents="reuse" if reuse else "clean")
+      momentum=0.9, every=3, epsilon=0.05, inner_lr=0.7, inner_steps=k_steps,
+      reuse_correction=reuse)
   for w, g in zip(want, got):
     for k in w:
       np.testing.assert_allclose(np.asarray(g[k]), w[k], rtol=1e-10, atol=1e-12)
   # Guards: not AMP on every step, and (for reuse) not the plain clean gradient in between.
-  every_step = np_amp_sgd_general(params, x, y, radius="absolute", every=1, reuse=False, **hp)
+  every_step = np_amp_sgd_general(params, x, y, relative=False, every=1, reuse=False, **hp)
   assert max(np.max(np.abs(every_step[-1][k] - want[-1][k])) for k in params) > 1e-8
   if reuse:
-    clean = np_amp_sgd_general(params, x, y, radius="absolute", every=3, reuse=False, **hp)
+    clean = np_amp_sgd_general(params, x, y, relative=False, every=3, reuse=False, **hp)
     assert max(np.max(np.abs(clean[-1][k] - want[-1][k])) for k in params) > 1e-8
