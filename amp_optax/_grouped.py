@@ -28,18 +28,60 @@ from amp_optax._common import ScalarOrSchedule
 WHERE = "grouped_amp()"
 
 
-def check_stacked(what: str, leaves: list[Any], params: Any, groups: int) -> None:
+def check_stacked(what: str, leaves: list[Any], params: Any, groups: int,
+                  devices: int = 1) -> None:
   """Each leaf must be the parameter's shape with a leading group axis of size ``groups``."""
   with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, param), leaf in zip(with_paths, leaves):
     want = (groups,) + jnp.shape(param)
     if jnp.shape(leaf) != want:
+      per_device = "" if devices == 1 else (
+          f" num_groups={groups * devices} counts the groups over all {devices} devices of "
+          f"batch_axis_name, so each device holds {groups}: split each device's batch with "
+          f"group_batch(local_batch, {groups}). (The same num_groups then means the same m on "
+          "any number of devices.)")
       raise ValueError(
-          f"grouped_amp(num_groups={groups}): {what} has shape {jnp.shape(leaf)} at "
+          f"grouped_amp(num_groups={groups * devices}): {what} has shape {jnp.shape(leaf)} at "
           f"params{jax.tree_util.keystr(path)}, where one gradient per group is {want}: the "
-          "parameter's shape with a leading group axis. Compute per-group gradients with "
-          "jax.vmap over the grouped batch, e.g. amp_optax.grouped_value_and_grad(loss_fn)("
-          "params, amp_optax.group_batch(batch, num_groups)).")
+          "parameter's shape with a leading group axis." + per_device + " Compute per-group "
+          "gradients with jax.vmap over the grouped batch, e.g. "
+          "amp_optax.grouped_value_and_grad(loss_fn)(params, amp_optax.group_batch(batch, G)).")
+
+
+def groups_per_device(groups: int, axis_names: tuple[str, ...] | None) -> tuple[int, int]:
+  """``(groups on each device, number of devices)`` along ``batch_axis_name``."""
+  if not axis_names:
+    return groups, 1
+  devices = 1
+  for name in axis_names:
+    devices *= int(jax.lax.axis_size(name))
+  if groups % devices:
+    raise ValueError(
+        f"grouped_amp(num_groups={groups}): num_groups counts the groups over all devices, and "
+        f"the {devices} devices along batch_axis_name={axis_names!r} must hold the same number "
+        f"each: choose a num_groups divisible by {devices}.")
+  return groups // devices, devices
+
+
+def check_varying(what: str, leaves: list[Any], axis_names: tuple[str, ...] | None) -> None:
+  """Per-group gradients spread over devices must differ between them (shard_map's check_vma).
+
+  Under ``shard_map(check_vma=True)`` the gradient with respect to replicated parameters comes
+  out summed over the devices: each device's group ``j`` would hold the sum of every device's
+  group ``j`` (its loss times ``n``), silently.
+  """
+  if not axis_names or not _mapped_axes.varying_axes_tracked():
+    return
+  for leaf in leaves:
+    axes = _mapped_axes.varying_axes(leaf)
+    if axes is not None and not set(axis_names) <= axes:
+      raise ValueError(
+          f"grouped_amp(): {what} does not vary over batch_axis_name={axis_names!r}: under "
+          "shard_map with check_vma=True the gradient with respect to replicated parameters "
+          "is summed over the devices, so each device's per-group gradients became sums over "
+          "all devices. Take them with respect to device-varying parameters, "
+          f"jax.lax.pcast(params, {axis_names!r}, to='varying') (amp_optax's "
+          "grouped_value_and_grad helpers do), or use shard_map(..., check_vma=False).")
 
 
 def mean_leaves(leaves: list[Any], groups: int) -> list[Any]:
@@ -104,15 +146,23 @@ def map_over_groups(fn: Callable[..., Any], in_axes: tuple[Any, ...], *args: Any
   Every framework's per-group passes (clean and perturbed) go through this, so that the
   choice between one vmapped pass and ``G`` ordinary ones is made in one place.
   """
-  if not _unrolled_loop():
+  grouped = [x for a, ax in zip(args, in_axes) if ax is not None
+             for x, x_ax in _leaves_with_axes(a, ax) if x_ax == 0]
+  if not _unrolled_loop() or any(map(_sharded_on_leading_axis, grouped)):
+    # A group axis sharded over devices (jax.jit with explicit shardings) stays one vmapped
+    # pass: each device computes its own groups, and a loop would slice across devices.
     return jax.vmap(fn, in_axes=in_axes)(*args)
-  sizes = {jnp.shape(x)[0] for a, ax in zip(args, in_axes) if ax is not None
-           for x, x_ax in _leaves_with_axes(a, ax) if x_ax == 0}
+  sizes = {jnp.shape(x)[0] for x in grouped}
   if len(sizes) != 1:
     raise ValueError(f"per-group arguments with different group sizes: {sorted(sizes)}.")
   groups = sizes.pop()
   outs = [fn(*[_take_group(a, ax, j) for a, ax in zip(args, in_axes)]) for j in range(groups)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _sharded_on_leading_axis(x: Any) -> bool:
+  spec: Any = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return bool(spec) and spec[0] is not None
 
 
 def _leaves_with_axes(arg: Any, axes: Any) -> list[tuple[Any, Any]]:
@@ -122,6 +172,25 @@ def _leaves_with_axes(arg: Any, axes: Any) -> list[tuple[Any, Any]]:
   jax.tree.map(lambda ax, sub: pairs.extend(_leaves_with_axes(sub, ax)), axes, arg,
                is_leaf=lambda x: x is None or isinstance(x, int))
   return pairs
+
+
+def varying_like(params: Any, grouped_args: Any) -> Any:
+  """``params`` made device-varying over the mapped axes the batch varies over (check_vma).
+
+  So that, under ``shard_map(check_vma=True)``, the per-group gradients are each device's own
+  rather than sums over the devices; elsewhere ``params`` unchanged.
+  """
+  if not _mapped_axes.varying_axes_tracked():
+    return params
+  batch_axes: set[str] = set()
+  for x in jax.tree.leaves(grouped_args):
+    batch_axes |= _mapped_axes.varying_axes(x) or frozenset()
+
+  def cast(p: Any) -> Any:
+    missing = tuple(sorted(batch_axes - (_mapped_axes.varying_axes(p) or frozenset())))
+    return jax.lax.pcast(p, missing, to="varying") if missing else p
+
+  return jax.tree.map(cast, params)
 
 
 def group_batch(batch: Any, num_groups: int) -> Any:
@@ -194,6 +263,7 @@ def grouped_value_and_grad(
 
   def value_grads_and_grad_fn(params: Any, *grouped_args: Any) -> tuple[Any, Any, GradFn]:
     num_groups_of(grouped_args, "grouped_value_and_grad")
+    params = varying_like(params, grouped_args)
     out, grads = map_over_groups(
         value_and_grad, (None,) + (0,) * len(grouped_args), params, *grouped_args)
 
@@ -237,11 +307,17 @@ def grouped_amp(
   for plain JAX). What ``update`` returns is a plain gradient, the mean over
   groups, for the rest of the chain.
 
-  Devices: the group axis may be sharded like the batch under :func:`jax.jit`;
-  the ascent then runs without communication and only the final mean crosses
-  devices (ERM's all-reduce). Under ``shard_map``/``pmap`` give each
-  device's number of groups and ``batch_axis_name``: the mean is then
-  averaged over the axis.
+  Devices: ``num_groups`` counts the groups over all devices, so the same
+  ``G`` gives the same ``m`` and the same result on any number of devices.
+  Under :func:`jax.jit` the group axis may be sharded like the batch; the
+  ascent then runs without communication and only the final mean crosses
+  devices (ERM's all-reduce). Under ``shard_map``/``pmap`` pass
+  ``batch_axis_name``: each of the ``n`` devices then holds ``G / n`` groups
+  of its own batch (``group_batch(local_batch, G // n)``; a mismatch is an
+  error), and the mean is averaged over the axis. Under ``shard_map`` with
+  ``check_vma=True`` per-group gradients taken w.r.t. replicated parameters
+  come out summed over the devices: an error (the ``grouped_value_and_grad``
+  helpers take them w.r.t. device-varying parameters).
 
   Args:
     epsilon: the ball's radius, as in :func:`amp`.
@@ -252,7 +328,9 @@ def grouped_amp(
     norm: as in :func:`amp`; each group's Delta is projected separately.
     relative: as in :func:`amp`.
     mask: as in :func:`amp`.
-    batch_axis_name: as in :func:`amp`, for the final mean over groups.
+    batch_axis_name: under ``shard_map``/``pmap``, the axis (or axes) the
+      groups are spread over: each device holds ``num_groups / n`` of them,
+      and the mean over groups is averaged over the axis.
     unroll: as in :func:`amp`.
 
   Returns:
@@ -305,7 +383,9 @@ def grouped_amp(
       _mapped_axes.check_bound(axis_names, WHERE)
     # Per-group gradients vary between devices when the groups are spread over them; only
     # their mean, at the end, must be global.
-    check_stacked("the gradient passed as `updates`", first, params, groups)
+    local, devices = groups_per_device(groups, axis_names)
+    check_stacked("the gradient passed as `updates`", first, params, local, devices)
+    check_varying("the gradient passed as `updates`", first, axis_names)
     chosen = _common.chosen_leaves(WHERE, mask, params)
     # A scalar: no gradient crosses devices for a diagnostic.
     clean_grad_norm = mean_group_norm(first, _amp.inexact_norm)
@@ -314,21 +394,25 @@ def grouped_amp(
       assert grad_fn is not None
       grad_leaves = _amp.call_grad_fn(WHERE, grad_fn, treedef, perturbed_leaves, inner_step,
                                       params)
-      check_stacked("grad_fn's output", grad_leaves, params, groups)
+      check_stacked("grad_fn's output", grad_leaves, params, local, devices)
+      check_varying("grad_fn's output", grad_leaves, axis_names)
       return grad_leaves
 
     ball = _ascent.make_ball([param_leaves[i] for i in chosen], eps, norm, relative)
     grad_leaves, delta_norms = _ascent.ascend(
         param_leaves, first, grads_at, chosen=chosen, ball=ball, inner_lr=lr,
-        num_steps=num_steps, unroll=_amp.resolve_unroll(unroll), groups=groups)
-    grad_leaves = mean_leaves(grad_leaves, groups)
-    if axis_names:  # groups spread over devices: the mean over all of them
-      grad_leaves = jax.lax.pmean(grad_leaves, axis_name=axis_names)
+        num_steps=num_steps, unroll=_amp.resolve_unroll(unroll), groups=local)
+    grad_leaves = mean_leaves(grad_leaves, local)
+    delta_norm = jnp.mean(delta_norms)
+    if axis_names:  # groups spread over devices: the mean over all of them (diagnostics in the
+      # same all-reduce, so that every device's state is the same and no op is added)
+      grad_leaves, delta_norm, clean_grad_norm = jax.lax.pmean(
+          (grad_leaves, delta_norm, clean_grad_norm), axis_name=axis_names)
     _mapped_axes.check_averaged("the mean over groups", grad_leaves, param_leaves, axis_names,
                                 WHERE)
     grad_leaves = _common.nan_if_negative(grad_leaves, eps, lr)
     new_state = _amp.AmpState(
-        count=count, delta_norm=jnp.mean(delta_norms), clean_grad_norm=clean_grad_norm,
+        count=count, delta_norm=delta_norm, clean_grad_norm=clean_grad_norm,
         perturbed_grad_norm=_amp.inexact_norm(grad_leaves))
     return jax.tree.unflatten(treedef, grad_leaves), new_state
 

@@ -25,10 +25,10 @@ def bound_axis_names() -> AxisNames:
     return tuple(getter()) if getter is not None else ()
 
 
-def _varying_axes_tracked() -> bool:
+def varying_axes_tracked() -> bool:
   """True inside ``shard_map(check_vma=True)``, where avals record the axes a value varies over."""
   try:
-    from jax._src import config
+    from jax._src import config  # no public API says whether check_vma is on where traced
     flag = getattr(config, "_check_vma", None)
     return bool(flag is not None and flag.value)
   except ImportError:
@@ -60,7 +60,7 @@ def normalise(batch_axis_name: Any, where: str = "amp()") -> AxisNames | None:
 
 def _unaveraged_axes(grad_leaves: list[Any], param_leaves: list[Any]) -> frozenset[str] | None:
   """Axes some gradient varies over though its parameter does not; None if not tracked."""
-  if not _varying_axes_tracked():
+  if not varying_axes_tracked():
     return None
   extra: frozenset[str] = frozenset()
   for g, p in zip(grad_leaves, param_leaves):

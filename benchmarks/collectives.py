@@ -3,8 +3,9 @@
 Compiles (never runs) one train step of a small MLP on a 4-device data-parallel mesh, for
 
 * ERM: ``sgd(momentum)`` on the gradient of the batch loss;
-* AMP: ``optax.chain(amp_optax.amp(epsilon, inner_lr, K, norm), <ERM optimiser>)``, K = 1 and 2
-  (``unroll=True``, so each inner step is its own code and is counted once per execution);
+* AMP: ``optax.chain(amp_optax.amp(epsilon, inner_steps=K, norm=norm), <ERM optimiser>)``,
+  K = 1 and 2 (``unroll=True``, so each inner step is its own code and is counted once per
+  execution), and ``grouped_amp(epsilon, num_groups=G, ...)`` with a group per device;
 
 each under four ways of spreading the batch:
 
@@ -159,9 +160,14 @@ def make_tx(method: str, inner_steps: int = 0, norm: str = "per_tensor",
   base = optax.sgd(0.1, momentum=0.9)
   if method == "erm":
     return base
+  if num_groups is not None:
+    return optax.chain(
+        amp_optax.grouped_amp(0.05, num_groups=num_groups, inner_steps=inner_steps, norm=norm,
+                              batch_axis_name=batch_axis_name, unroll=True),
+        base)
   return optax.chain(
-      amp_optax.amp(0.05, 1.0, inner_steps, norm, batch_axis_name=batch_axis_name, unroll=True,
-                    num_groups=num_groups),
+      amp_optax.amp(0.05, inner_steps=inner_steps, norm=norm, batch_axis_name=batch_axis_name,
+                    unroll=True),
       base)
 
 
@@ -216,10 +222,11 @@ def compiled_text(mode: str, variant: Variant, devices: Sequence[Any]) -> str:
   x = rng.normal(size=(BATCH, SIZES[0])).astype(np.float32)
   y = rng.integers(0, SIZES[-1], size=(BATCH,)).astype(np.int32)
   per_device = mode in ("shard_map", "pmap")
-  # Under shard_map/pmap each device holds its share of the groups.
+  # num_groups counts the groups of the whole batch; under shard_map/pmap each device splits
+  # its own batch into its share of them.
   groups = variant.groups and (variant.groups // n if per_device else variant.groups)
   tx = make_tx(variant.method, variant.inner_steps, variant.norm,
-               batch_axis_name="data" if per_device else None, num_groups=groups)
+               batch_axis_name="data" if per_device else None, num_groups=variant.groups)
   abstract = lambda t, sh=None: jax.tree.map(  # noqa: E731
       lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sh), t)
 

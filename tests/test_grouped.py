@@ -280,11 +280,11 @@ def test_one_group_per_device_ascends_without_collectives():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("devices", [2, 4, 8])
-def test_shard_map_and_pmap_with_local_groups_match_jit(devices):
+def test_shard_map_and_pmap_with_global_num_groups_match_jit(devices):
   want, _, _ = training_run(1)
   params, batch = make_problem()
   grouped = amp_optax.group_batch(batch, G)
-  tx = optax.chain(amp_optax.grouped_amp(0.2, num_groups=G // devices, inner_steps=2,
+  tx = optax.chain(amp_optax.grouped_amp(0.2, num_groups=G, inner_steps=2,
                                          batch_axis_name="data"),
                    optax.sgd(0.1, momentum=0.9))
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices],
@@ -330,3 +330,69 @@ def test_without_batch_axis_name_local_groups_under_shard_map_raise():
 
   with pytest.raises(ValueError, match=r"batch_axis_name='data'"):
     jax.jit(body)(params, jax.device_put(grouped, NamedSharding(mesh, P("data"))))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+def test_shard_map_with_check_vma_through_the_helper_matches_jit():
+  """check_vma=True (JAX's default): the helper takes per-group gradients w.r.t. device-varying
+  parameters, so they are not summed over the devices; same parameters as on one device."""
+  want, _, _ = training_run(1)
+  params, batch = make_problem()
+  grouped = amp_optax.group_batch(batch, G)
+  tx = optax.chain(amp_optax.grouped_amp(0.2, num_groups=G, inner_steps=2,
+                                         batch_axis_name="data"),
+                   optax.sgd(0.1, momentum=0.9))
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+  def body(params, opt_state, local):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(params, local)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data")),
+                               out_specs=(P(), P())))
+  p, s = params, tx.init(params)
+  sharded = jax.device_put(grouped, NamedSharding(mesh, P("data")))
+  for _ in range(3):
+    p, s = step(p, s, sharded)
+  for name in want:
+    np.testing.assert_allclose(np.asarray(p[name]), want[name], atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+def test_shard_map_with_check_vma_and_summed_per_group_gradients_raises():
+  """Per-group gradients taken by hand w.r.t. the replicated parameters come out summed over
+  the devices under check_vma=True: an error that names pcast, not a run with loss x n."""
+  params, batch = make_problem()
+  grouped = amp_optax.group_batch(batch, G)
+  tx = amp_optax.grouped_amp(0.2, num_groups=G, batch_axis_name="data")
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+  def body(params, local):
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, local)
+    per_group = jax.vmap(jax.grad(loss_fn))
+    return tx.update(grads, tx.init(params), params,
+                     grad_fn=lambda sp, _: per_group(sp, local))[0]
+
+  with pytest.raises(ValueError, match="pcast"):
+    jax.jit(body)(params, jax.device_put(grouped, NamedSharding(mesh, P("data"))))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+def test_global_num_groups_with_each_device_grouping_into_all_of_them_raises():
+  """The mistake of grouping each device's batch into the global G: G x n groups, loudly."""
+  params, batch = make_problem()
+  tx = amp_optax.grouped_amp(0.2, num_groups=G, batch_axis_name="data")
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+  def body(params, local_batch):
+    _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(loss_fn)(
+        params, amp_optax.group_batch(local_batch, G))
+    return tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)[0]
+
+  with pytest.raises(ValueError, match=r"counts the groups over all 4 devices.*group_batch\("
+                                       r"local_batch, 2\)"):
+    jax.jit(body)(params, jax.device_put(batch, NamedSharding(mesh, P("data"))))
