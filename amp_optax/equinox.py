@@ -21,8 +21,9 @@ module provides:
 * :func:`amp_step`: the clean pass, ``tx.update`` and
   ``eqx.apply_updates`` in one call.
 * :func:`grouped_value_and_grad`: per-group passes for
-  ``amp(..., num_groups=G)``; an ``eqx.nn.State`` is passed to every group
-  as is, and the new state is the mean over groups of the clean passes'.
+  :func:`amp_optax.grouped_amp`; an ``eqx.nn.State`` is passed to every
+  group as is, and the new state is the mean over groups of the clean
+  passes'.
 
 Equinox's MNIST step takes AMP with two changed lines, plus ``amp`` first in
 the optimiser's chain and the imports (in all: 3 lines changed, 2 added)::
@@ -304,14 +305,19 @@ def grouped_value_and_grad(
 ) -> Callable[..., tuple[Any, Any, GradFn]]:
   """Per-group losses and gradients of a model, and the ``grad_fn`` for grouped AMP.
 
-  For ``amp(..., num_groups=G)`` (one Delta per group of examples):
-  ``grouped_value_and_grad(loss_fn, has_aux=...)(model, *grouped_args)``
-  vmaps ``loss_fn(model, *args)`` over the leading group axis of the
-  arguments (split a batch with :func:`amp_optax.group_batch`) and returns
-  ``(out, grads, amp_grad_fn)``: the per-group loss (or ``(loss, aux)``) and
-  gradients w.r.t. the model's floating arrays (``None`` elsewhere, as
-  ``eqx.filter_grad`` gives), stacked on the group axis, and the ``grad_fn``
-  that evaluates each group's gradient at its own perturbed parameters. Pass
+  Every framework's ``grouped_value_and_grad(loss_fn, *, has_aux=False,
+  <options>)`` returns a function of ``(params_or_model, *args)`` whose
+  result is ``(out, grads, amp_grad_fn)``: ``grads``, the per-group clean
+  gradients stacked on a leading group axis, are the ``updates`` of
+  :func:`amp_optax.grouped_amp` and ``amp_grad_fn`` its ``grad_fn``.
+
+  Here the function is ``(model, *grouped_args)`` (one Delta per group of
+  examples): it vmaps ``loss_fn(model, *args)`` over the leading group axis
+  of the arguments (split a batch with :func:`amp_optax.group_batch`) and
+  returns the per-group loss (or ``(loss, aux)``) and gradients w.r.t. the
+  model's floating arrays (``None`` elsewhere, as ``eqx.filter_grad``
+  gives), stacked on the group axis, and the ``grad_fn`` that evaluates each
+  group's gradient at its own perturbed parameters. Pass
   ``eqx.filter(model, eqx.is_inexact_array)`` as the params of ``tx.update``.
 
   Stateful models (``eqx.nn.BatchNorm`` with an ``eqx.nn.State``), with the
@@ -347,7 +353,7 @@ def grouped_value_and_grad(
     >>> def loss_fn(model, x, y):
     ...   return jnp.mean((jax.vmap(model)(x)[:, 0] - y) ** 2)
     >>> x, y = jnp.ones((8, 3)), jnp.zeros((8,))
-    >>> tx = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> tx = optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1))
     >>> params = eqx.filter(model, eqx.is_inexact_array)
     >>> losses, grads, amp_grad_fn = amp_eqx.grouped_value_and_grad(loss_fn)(
     ...     model, *amp_optax.group_batch((x, y), 4))
@@ -371,7 +377,7 @@ def grouped_value_and_grad(
     ...   pred_ys, state = batch_model(xs, state)
     ...   return jnp.mean((pred_ys - ys) ** 2), state
     >>> model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
-    >>> optim = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> optim = optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1))
     >>> opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
     >>> @eqx.filter_jit
     ... def make_step(model, state, opt_state, xs, ys):
@@ -395,7 +401,7 @@ def grouped_value_and_grad(
     A function of ``(model, *grouped_args)`` returning ``(out, grads,
     amp_grad_fn)``: ``out`` the per-group loss, or ``(loss, aux)`` with each
     ``eqx.nn.State`` of ``aux`` averaged over groups; ``grads`` the per-group
-    gradients (``updates`` for ``amp``); ``amp_grad_fn`` for
+    gradients (``updates`` for ``grouped_amp``); ``amp_grad_fn`` for
     ``tx.update(..., grad_fn=)``.
   """
   where = "amp_optax.equinox.grouped_value_and_grad"

@@ -19,18 +19,20 @@ Flax's :class:`flax.training.train_state.TrainState` calls
 * :func:`dynamic_scale_after_amp`: the loss scale after the step and whether
   to apply it, counting the perturbed passes' gradients as Flax's
   ``DynamicScale`` counts the clean one;
-* :func:`apply_gradients`: ``state.apply_gradients`` with AMP, built from the
-  batch and RNG key rather than a ``grad_fn``, for a step split in two jits
-  as in Flax's MNIST example (``apply_model`` computes the gradients,
-  ``update_model`` applies them): a ``grad_fn`` is a Python function and
-  cannot be returned from one jit into another, the data can;
+* :func:`apply_amp_gradients`: ``state.apply_gradients`` with AMP, built
+  from the batch and RNG key rather than a ``grad_fn``, for a step split in
+  two jits as in Flax's MNIST example (``apply_model`` computes the
+  gradients, ``update_model`` applies them): a ``grad_fn`` is a Python
+  function and cannot be returned from one jit into another, the data can
+  (named so as not to shadow Flax's ``TrainState.apply_gradients``, which
+  :class:`TrainState` extends);
 * :func:`amp_step`: a whole training step (clean pass, AMP ascent, update,
   new ``batch_stats``, and the loss scale of a ``state.dynamic_scale``) with a
   choice of BatchNorm policy;
-* :func:`grouped_value_and_grad` and :func:`make_grouped_grad_fn`: grouped
-  ascent (``amp(..., num_groups=G)``, m-sharpness): per-group clean
-  gradients, new statistics and the per-group ``grad_fn``, from the loss and a
-  batch split by :func:`amp_optax.group_batch`.
+* :func:`grouped_value_and_grad`: grouped ascent
+  (:func:`amp_optax.grouped_amp`, m-sharpness): per-group clean gradients,
+  new statistics and the per-group ``grad_fn``, from the loss and a batch
+  split by :func:`amp_optax.group_batch`.
 
 Grouped ascent and BatchNorm. Each group's pass (clean and perturbed) is the
 loss on that group's ``m`` examples alone, under :func:`jax.vmap` over the
@@ -124,8 +126,8 @@ from amp_optax._policies import STATS_POLICIES
 from amp_optax._policies import check_policies
 
 __all__ = (
-    "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_gradients",
-    "dynamic_scale_after_amp", "grouped_value_and_grad", "make_grad_fn", "make_grouped_grad_fn")
+    "STATS_POLICIES", "RNG_POLICIES", "TrainState", "amp_step", "apply_amp_gradients",
+    "dynamic_scale_after_amp", "grouped_value_and_grad", "make_grad_fn")
 
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
@@ -205,14 +207,17 @@ class TrainState(train_state.TrainState):
     extra = dict(tx_kwargs or {})
     if grad_fn is not None:
       if "grad_fn" in extra:
-        raise TypeError("apply_gradients(): give `grad_fn` once, not also in `tx_kwargs`.")
+        raise TypeError(
+            "flax_linen.TrainState.apply_gradients(): give `grad_fn` once, not also in "
+            "`tx_kwargs`.")
       extra["grad_fn"] = grad_fn
     if not extra:
       return super().apply_gradients(grads=grads, **kwargs)
     tx = self.tx
     if not isinstance(tx, optax.GradientTransformationExtraArgs):
       raise TypeError(
-          "apply_gradients(): `tx` does not take extra arguments such as grad_fn; "
+          "flax_linen.TrainState.apply_gradients(): `tx` does not take extra arguments such "
+          "as grad_fn; "
           "build it with optax.chain, e.g. "
           "optax.chain(amp_optax.amp(epsilon), optax.sgd(lr)).")
     # Let Flax's apply_gradients do the rest, with the extra arguments bound to
@@ -467,12 +472,13 @@ def make_grad_fn(
     pass and AMP.
   * ``make_grad_fn(loss_fn, batch_stats, batch, rng)`` with
     ``loss_fn(params, batch_stats, batch, rng)``, needed for
-    ``rng_policy="fold_in"`` and by :func:`apply_gradients` and
+    ``rng_policy="fold_in"`` and by :func:`apply_amp_gradients` and
     :func:`amp_step`.
 
   A ``grad_fn`` is a Python function: it cannot be returned from one
   :func:`jax.jit` and passed into another. When the step is split in two
-  jits, as in Flax's MNIST example, use :func:`apply_gradients` in the second.
+  jits, as in Flax's MNIST example, use :func:`apply_amp_gradients` in the
+  second.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -594,7 +600,7 @@ def dynamic_scale_after_amp(
                                            "flax_linen.dynamic_scale_after_amp")
 
 
-def apply_gradients(
+def apply_amp_gradients(
     state: TrainState,
     *,
     grads: optax.Updates,
@@ -616,7 +622,9 @@ def apply_gradients(
   and the RNG key. This builds ``make_grad_fn(loss_fn, state.batch_stats,
   batch, rng)``, the statistics the clean pass started from, and calls
   ``state.apply_gradients(grads=grads, grad_fn=..., **kwargs)``: pass the
-  clean pass's new statistics as ``batch_stats=``.
+  clean pass's new statistics as ``batch_stats=``. (A function of the
+  module, not a method: :meth:`TrainState.apply_gradients` is Flax's, with
+  ``grad_fn`` forwarded.)
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -649,7 +657,7 @@ def apply_gradients(
     ...   return grads, updates, loss
     >>> @jax.jit
     ... def update_model(state, grads, updates, batch, rng):
-    ...   return flax_linen.apply_gradients(
+    ...   return flax_linen.apply_amp_gradients(
     ...       state, grads=grads, loss_fn=loss_fn, batch=batch, rng=rng,
     ...       has_aux=True, batch_stats=updates["batch_stats"])
     >>> batch, rng = {"image": x, "label": y}, jax.random.key(1)
@@ -821,42 +829,26 @@ def _group_rngs(rng: Any, groups: int) -> Any:
   return jax.tree.map(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(index), rng)
 
 
-def make_grouped_grad_fn(
+def _grouped_grad_fn(
     loss_fn: LossFn,
     batch_stats: Any,
     grouped_batch: Any,
-    rng: Any = None,
+    rng: Any,
     *,
-    has_aux: bool = False,
-    rng_policy: str = "same",
+    has_aux: bool,
+    rng_policy: str,
+    where: str,
 ) -> GradFn:
-  """Builds AMP's per-group ``grad_fn`` for ``amp(..., num_groups=G)`` from a Linen loss.
+  """AMP's per-group ``grad_fn`` for :func:`amp_optax.grouped_amp` from a Linen loss.
 
   ``grad_fn(stacked_params, inner_step)`` takes the parameters stacked per
-  group (group ``j``'s at ``theta + Delta_j``, as ``amp`` passes them) and
-  returns the gradients stacked the same way: :func:`jax.vmap` over the
-  groups of the loss on group ``j``'s batch, from the incoming
-  ``batch_stats``, with key ``jax.random.fold_in(rng, j)``; BatchNorm
-  normalises with the group's own statistics, which are then discarded. Use
-  :func:`grouped_value_and_grad` for the clean pass as well.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` as in
-      :func:`make_grad_fn` (not the closure form).
-    batch_stats: the statistics the clean passes started from, or ``None``.
-    grouped_batch: the batch with a leading group axis
-      (:func:`amp_optax.group_batch`).
-    rng: the step's PRNG key (or pytree of keys, or ``None``); group ``j``
-      uses ``jax.random.fold_in(rng, j)``.
-    has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
-    rng_policy: within each group, ``"same"`` gives every perturbed pass the
-      group's key, ``"fold_in"`` folds ``inner_step`` into it.
-
-  Returns:
-    ``grad_fn(stacked_params, inner_step) -> stacked grads``.
+  group (group ``j``'s at ``theta + Delta_j``) and returns the gradients
+  stacked the same way: :func:`jax.vmap` over the groups of the loss on group
+  ``j``'s batch, from the incoming ``batch_stats``, with key
+  ``jax.random.fold_in(rng, j)`` (and within the group ``rng_policy``);
+  BatchNorm normalises with the group's own statistics, which are then
+  discarded.
   """
-  where = "flax_linen.make_grouped_grad_fn"
-  check_policies("clean", rng_policy)
   groups = _grouped.num_groups_of(grouped_batch, where)
   perturbed_pass = _perturbed_pass(_normalised(loss_fn, has_aux, where), None)
 
@@ -876,23 +868,27 @@ def make_grouped_grad_fn(
 
 def grouped_value_and_grad(
     loss_fn: LossFn,
-    params: optax.Params,
-    batch_stats: Any,
-    grouped_batch: Any,
-    rng: Any = None,
     *,
     has_aux: bool = False,
     rng_policy: str = "same",
-) -> tuple[Any, Any, optax.Updates, GradFn]:
+) -> Callable[..., tuple[Any, Any, GradFn]]:
   """Grouped ascent with Linen: per-group clean passes, new statistics, and the ``grad_fn``.
 
-  The Linen counterpart of :func:`amp_optax.grouped_value_and_grad`, for
-  ``amp(..., num_groups=G)``: group ``j``'s clean pass is ``loss_fn`` on its
-  ``m`` examples (BatchNorm with the group's own statistics: ghost batch
-  norm), from ``batch_stats``, with key ``jax.random.fold_in(rng, j)``, all
-  under one :func:`jax.vmap`. The new running statistics are the mean over
-  groups of the clean passes' (see the module's "Grouped ascent and
-  BatchNorm"); with ``epsilon=0`` the step is ERM on the ghost-BN loss.
+  Every framework's ``grouped_value_and_grad(loss_fn, *, has_aux=False,
+  <options>)`` returns a function of ``(params_or_model, *args)`` whose
+  result is ``(out, grads, amp_grad_fn)``: ``grads``, the per-group clean
+  gradients stacked on a leading group axis, are the ``updates`` of
+  :func:`amp_optax.grouped_amp` and ``amp_grad_fn`` its ``grad_fn``.
+
+  Here the function is ``(params, batch_stats, grouped_batch, rng=None)``.
+  Group ``j``'s clean pass is ``loss_fn`` on its ``m`` examples (BatchNorm
+  with the group's own statistics: ghost batch norm), from ``batch_stats``,
+  with key ``jax.random.fold_in(rng, j)``, all under one :func:`jax.vmap`.
+  The new running statistics are the mean over groups of the clean passes'
+  (see the module's "Grouped ascent and BatchNorm"); with ``epsilon=0`` the
+  step is ERM on the ghost-BN loss. ``amp_grad_fn`` evaluates group ``j``'s
+  loss at its own perturbed parameters from the same incoming
+  ``batch_stats`` and key, and discards the statistics it computes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -910,7 +906,7 @@ def grouped_value_and_grad(
     >>> state = flax_linen.TrainState.create(
     ...     apply_fn=model.apply, params=variables["params"],
     ...     batch_stats=variables["batch_stats"],
-    ...     tx=optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1)))
+    ...     tx=optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1)))
     >>> def loss_fn(params, batch_stats, batch, rng):
     ...   out, updates = model.apply(
     ...       {"params": params, "batch_stats": batch_stats}, batch[0], train=True,
@@ -918,8 +914,8 @@ def grouped_value_and_grad(
     ...   return jnp.mean((out - batch[1]) ** 2), updates
     >>> @jax.jit
     ... def train_step(state, batch, rng):
-    ...   losses, batch_stats, grads, amp_grad_fn = flax_linen.grouped_value_and_grad(
-    ...       loss_fn, state.params, state.batch_stats, amp_optax.group_batch(batch, 4), rng)
+    ...   (losses, batch_stats), grads, amp_grad_fn = flax_linen.grouped_value_and_grad(
+    ...       loss_fn)(state.params, state.batch_stats, amp_optax.group_batch(batch, 4), rng)
     ...   state = state.apply_gradients(grads=grads, grad_fn=amp_grad_fn,
     ...                                 batch_stats=batch_stats)
     ...   return state, losses.mean()
@@ -929,35 +925,44 @@ def grouped_value_and_grad(
 
   Args:
     loss_fn: ``loss_fn(params, batch_stats, batch, rng)`` as in
-      :func:`make_grad_fn`.
-    params: the parameters (``state.params``).
-    batch_stats: the statistics before the step (``state.batch_stats``), or
-      ``None``.
-    grouped_batch: the batch with a leading group axis
-      (:func:`amp_optax.group_batch`).
-    rng: the step's PRNG key (or pytree of keys, or ``None``).
+      :func:`make_grad_fn` (not the closure form), returning one group's
+      mean loss and new statistics (and ``aux`` with ``has_aux``).
     has_aux: whether ``loss_fn`` returns ``aux`` besides the statistics.
-    rng_policy: ``"same"`` or ``"fold_in"``, within each group, as in
-      :func:`make_grouped_grad_fn`.
+    rng_policy: within each group, ``"same"`` gives every perturbed pass the
+      group's key, ``"fold_in"`` folds ``inner_step`` into it.
 
   Returns:
-    ``(out, new_batch_stats, grads, amp_grad_fn)``: ``out`` the per-group
-    loss (or ``(loss, aux)``), stacked on the group axis; ``new_batch_stats``
-    the mean over groups of the clean passes' statistics (structured like
-    ``batch_stats``); ``grads`` the per-group gradients (``updates`` for
-    ``amp``); ``amp_grad_fn`` from :func:`make_grouped_grad_fn`.
+    A function of ``(params, batch_stats, grouped_batch, rng=None)``:
+    ``params`` the parameters (``state.params``); ``batch_stats`` the
+    statistics before the step (``state.batch_stats``), or ``None``;
+    ``grouped_batch`` the batch with a leading group axis
+    (:func:`amp_optax.group_batch`); ``rng`` the step's PRNG key (or pytree
+    of keys, or ``None``). It returns ``(out, grads, amp_grad_fn)``: ``out``
+    is ``(losses, new_batch_stats)``, or with ``has_aux`` ``(losses, (aux,
+    new_batch_stats))``, where ``losses`` (and ``aux``) are stacked on the
+    group axis and ``new_batch_stats``, structured like ``batch_stats``, is
+    the mean over groups of the clean passes' statistics; ``grads`` the
+    per-group gradients (``updates`` for ``grouped_amp``); ``amp_grad_fn``
+    the per-group ``grad_fn``.
   """
   where = "flax_linen.grouped_value_and_grad"
   check_policies("clean", rng_policy)
-  groups = _grouped.num_groups_of(grouped_batch, where)
   value_and_grad = jax.value_and_grad(_normalised(loss_fn, has_aux, where), has_aux=True)
 
-  def clean(batch, key):
-    return value_and_grad(params, batch_stats, batch, key)
+  def value_grads_and_grad_fn(
+      params: optax.Params, batch_stats: Any, grouped_batch: Any, rng: Any = None,
+  ) -> tuple[Any, Any, GradFn]:
+    groups = _grouped.num_groups_of(grouped_batch, where)
 
-  (loss, (stats, aux)), grads = jax.vmap(clean)(grouped_batch, _group_rngs(rng, groups))
-  stats_leaves, stats_def = jax.tree.flatten(stats)
-  new_stats = jax.tree.unflatten(stats_def, _grouped.mean_leaves(stats_leaves, groups))
-  amp_grad_fn = make_grouped_grad_fn(loss_fn, batch_stats, grouped_batch, rng, has_aux=has_aux,
-                                     rng_policy=rng_policy)
-  return ((loss, aux) if has_aux else loss), new_stats, grads, amp_grad_fn
+    def clean(batch, key):
+      return value_and_grad(params, batch_stats, batch, key)
+
+    (losses, (stats, aux)), grads = jax.vmap(clean)(grouped_batch, _group_rngs(rng, groups))
+    stats_leaves, stats_def = jax.tree.flatten(stats)
+    new_stats = jax.tree.unflatten(stats_def, _grouped.mean_leaves(stats_leaves, groups))
+    amp_grad_fn = _grouped_grad_fn(loss_fn, batch_stats, grouped_batch, rng, has_aux=has_aux,
+                                   rng_policy=rng_policy, where=where)
+    out = (losses, (aux, new_stats)) if has_aux else (losses, new_stats)
+    return out, grads, amp_grad_fn
+
+  return value_grads_and_grad_fn

@@ -19,10 +19,11 @@ would be mutated from inside the loop's trace. This module provides:
   also loss scaling and the skip of non-finite steps;
 * :func:`dynamic_scale_after_amp`: the loss scale after a step of your own
   and whether to apply it, counting the perturbed passes' gradients;
-* :func:`grouped_value_and_grad`: grouped ascent (``amp(..., num_groups=G)``,
-  m-sharpness): the per-group clean passes, their gradients stacked on a
-  leading group axis, and the per-group ``grad_fn``, from the model, the loss
-  and a batch split by :func:`amp_optax.group_batch`.
+* :func:`grouped_value_and_grad`: grouped ascent
+  (:func:`amp_optax.grouped_amp`, m-sharpness): the per-group clean passes,
+  their gradients stacked on a leading group axis, and the per-group
+  ``grad_fn``, from the loss, the model and a batch split by
+  :func:`amp_optax.group_batch`.
 
 Grouped ascent. The model (and the NNX objects among the loss's other
 arguments) is split into pure state, and a pure function of one group's batch
@@ -515,25 +516,28 @@ def amp_step(
 
 
 def grouped_value_and_grad(
-    model: nnx.Module,
     loss_fn: Callable[..., Any],
-    grouped_batch: Any,
-    *args: Any,
-    wrt: Any = nnx.Param,
+    *,
     has_aux: bool = False,
+    wrt: Any = nnx.Param,
     rng_policy: str = "same",
-) -> tuple[Any, Any, GradFn]:
+) -> Callable[..., tuple[Any, Any, GradFn]]:
   """Grouped ascent with NNX: per-group clean passes and gradients, and the ``grad_fn``.
 
-  The NNX counterpart of :func:`amp_optax.grouped_value_and_grad`, for
-  ``amp(..., num_groups=G)``. Group ``j``'s clean pass is
-  ``loss_fn(model, batch_j, *args)`` on fresh copies of the model and of the
-  NNX objects among ``args``, under one :func:`jax.vmap` over the groups
-  (BatchNorm with the group's own statistics; keys folded with ``j``). Then
-  the live objects are set as a clean pass leaves them, the statistics being
-  the mean over groups (see the module's "Grouped ascent"). Call it in place
-  of ``nnx.value_and_grad``, and pass its ``grads`` and ``amp_grad_fn`` to
-  ``optimizer.update``.
+  Every framework's ``grouped_value_and_grad(loss_fn, *, has_aux=False,
+  <options>)`` returns a function of ``(params_or_model, *args)`` whose
+  result is ``(out, grads, amp_grad_fn)``: ``grads``, the per-group clean
+  gradients stacked on a leading group axis, are the ``updates`` of
+  :func:`amp_optax.grouped_amp` and ``amp_grad_fn`` its ``grad_fn``.
+
+  Here the function is ``(model, grouped_batch, *args)``. Group ``j``'s
+  clean pass is ``loss_fn(model, batch_j, *args)`` on fresh copies of the
+  model and of the NNX objects among ``args``, under one :func:`jax.vmap`
+  over the groups (BatchNorm with the group's own statistics; keys folded
+  with ``j``). Then the live objects are set as a clean pass leaves them, the
+  statistics being the mean over groups (see the module's "Grouped ascent").
+  Call it in place of ``nnx.value_and_grad``, and pass its ``grads`` and
+  ``amp_grad_fn`` to ``optimizer.update``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, amp_optax
@@ -548,14 +552,14 @@ def grouped_value_and_grad(
     ...   def __call__(self, x):
     ...     return self.fc2(self.dropout(nnx.relu(self.bn(self.fc1(x)))))
     >>> model = Net(nnx.Rngs(0))
-    >>> tx = optax.chain(amp_optax.amp(0.05, num_groups=4), optax.sgd(0.1))
+    >>> tx = optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     >>> def loss_fn(model, batch):
     ...   return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
     >>> @nnx.jit
     ... def train_step(model, optimizer, batch):
-    ...   losses, grads, amp_grad_fn = flax_nnx.grouped_value_and_grad(
-    ...       model, loss_fn, amp_optax.group_batch(batch, 4))
+    ...   losses, grads, amp_grad_fn = flax_nnx.grouped_value_and_grad(loss_fn)(
+    ...       model, amp_optax.group_batch(batch, 4))
     ...   optimizer.update(model, grads, grad_fn=amp_grad_fn)
     ...   return losses.mean()
     >>> batch = {"x": jnp.ones((8, 2)), "y": jnp.zeros((8, 1))}
@@ -564,62 +568,69 @@ def grouped_value_and_grad(
     1
 
   Args:
-    model: the model; after the call it holds the clean passes' new state.
     loss_fn: ``loss_fn(model, batch, *args)``, the mean loss over the
       examples of ``batch``, or ``(loss, aux)`` if ``has_aux``.
-    grouped_batch: the batch with a leading group axis
-      (:func:`amp_optax.group_batch`), passed to ``loss_fn`` one group at a
-      time.
-    *args: the loss's other arguments, the same for every group: arrays, and
-      NNX objects (``nnx.Rngs``, modules, metrics) as in :func:`make_grad_fn`.
-    wrt: the filter of the parameters, the ``wrt`` of the ``nnx.Optimizer``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    wrt: the filter of the parameters, the ``wrt`` of the ``nnx.Optimizer``.
     rng_policy: within each group, ``"same"`` gives the perturbed passes the
       group's keys, ``"fold_in"`` folds ``inner_step`` into them.
 
   Returns:
-    ``(out, grads, amp_grad_fn)``: ``out`` the per-group loss (or ``(loss,
-    aux)``) stacked on the group axis; ``grads`` the per-group gradients, an
-    ``nnx.State`` of the ``wrt`` variables with a leading group axis, for
-    ``optimizer.update(model, grads, grad_fn=amp_grad_fn)``; ``amp_grad_fn``
-    pure, taking and returning pure stacked states.
+    A function of ``(model, grouped_batch, *args)``: ``model`` the model,
+    which after the call holds the clean passes' new state;
+    ``grouped_batch`` the batch with a leading group axis
+    (:func:`amp_optax.group_batch`), passed to ``loss_fn`` one group at a
+    time; ``args`` the loss's other arguments, the same for every group:
+    arrays, and NNX objects (``nnx.Rngs``, modules, metrics) as in
+    :func:`make_grad_fn`. It returns ``(out, grads, amp_grad_fn)``: ``out``
+    the per-group loss (or ``(loss, aux)``) stacked on the group axis;
+    ``grads`` the per-group gradients, an ``nnx.State`` of the ``wrt``
+    variables with a leading group axis, for ``optimizer.update(model, grads,
+    grad_fn=amp_grad_fn)``; ``amp_grad_fn`` pure, taking and returning pure
+    stacked states.
   """
   where = "flax_nnx.grouped_value_and_grad"
   check_policies("clean", rng_policy)
-  groups = _grouped.num_groups_of(grouped_batch, where)
-  snapshot = _Snapshot(model, args, wrt)
-  param_vars = nnx.state(model, wrt)
-  params = nnx.as_pure(param_vars)
-  index = jnp.arange(groups)
-  group_keys = jax.tree.map(
-      lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(index), snapshot.keys)
 
-  def loss_at(params, keys, batch):
-    model_copy, args_copy = snapshot.merge(params, keys, snapshot.counts, snapshot.rest)
-    out = loss_fn(model_copy, batch, *args_copy)
-    _policies.check_loss_output(out, has_aux, where, _AUX_FORM)
-    return (out[0] if has_aux else out), (out, snapshot.state_of(model_copy, args_copy))
+  def value_grads_and_grad_fn(
+      model: nnx.Module, grouped_batch: Any, *args: Any,
+  ) -> tuple[Any, Any, GradFn]:
+    groups = _grouped.num_groups_of(grouped_batch, where)
+    snapshot = _Snapshot(model, args, wrt)
+    param_vars = nnx.state(model, wrt)
+    params = nnx.as_pure(param_vars)
+    index = jnp.arange(groups)
+    group_keys = jax.tree.map(
+        lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(index), snapshot.keys)
 
-  clean = jax.vmap(jax.value_and_grad(loss_at, has_aux=True), in_axes=(None, 0, 0))
-  (_, (out, new_state)), grads = clean(params, group_keys, grouped_batch)
-  new_counts, new_rest = new_state
-  new_leaves = ([x[0] for x in jax.tree.leaves(new_counts)]
-                + _grouped.mean_leaves(jax.tree.leaves(new_rest), groups))
-  for var, value in zip(snapshot.live_vars, new_leaves, strict=True):
-    var.set_value(value)
+    def loss_at(params, keys, batch):
+      model_copy, args_copy = snapshot.merge(params, keys, snapshot.counts, snapshot.rest)
+      out = loss_fn(model_copy, batch, *args_copy)
+      _policies.check_loss_output(out, has_aux, where, _AUX_FORM)
+      return (out[0] if has_aux else out), (out, snapshot.state_of(model_copy, args_copy))
 
-  grad = jax.grad(loss_at, has_aux=True)
+    clean = jax.vmap(jax.value_and_grad(loss_at, has_aux=True), in_axes=(None, 0, 0))
+    (_, (out, new_state)), grads = clean(params, group_keys, grouped_batch)
+    new_counts, new_rest = new_state
+    new_leaves = ([x[0] for x in jax.tree.leaves(new_counts)]
+                  + _grouped.mean_leaves(jax.tree.leaves(new_rest), groups))
+    for var, value in zip(snapshot.live_vars, new_leaves, strict=True):
+      var.set_value(value)
 
-  def one_group(params, keys, batch, inner_step):
-    if rng_policy == "fold_in":
-      keys = jax.tree.map(lambda key: jax.random.fold_in(key, inner_step), keys)
-    return grad(params, keys, batch)[0]
+    grad = jax.grad(loss_at, has_aux=True)
 
-  per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
+    def one_group(params, keys, batch, inner_step):
+      if rng_policy == "fold_in":
+        keys = jax.tree.map(lambda key: jax.random.fold_in(key, inner_step), keys)
+      return grad(params, keys, batch)[0]
 
-  def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
-    return per_group(stacked_params, group_keys, grouped_batch, inner_step)
+    per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
 
-  grad_vars = jax.tree.map(lambda var, g: var.replace(g), param_vars, grads,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return out, grad_vars, amp_grad_fn
+    def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
+      return per_group(stacked_params, group_keys, grouped_batch, inner_step)
+
+    grad_vars = jax.tree.map(lambda var, g: var.replace(g), param_vars, grads,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return out, grad_vars, amp_grad_fn
+
+  return value_grads_and_grad_fn

@@ -162,7 +162,7 @@ def test_three_steps_match_the_hand_written_grouped_reference(x64, mode):
   on which state each pass starts from: there the wrong policy (perturbed passes from the clean
   pass's new state) is shown to differ, so the comparison can tell the two apart."""
   eps = 0.05
-  tx = optax.chain(amp_optax.amp(eps, norm="global", num_groups=G), optax.sgd(LR))
+  tx = optax.chain(amp_optax.grouped_amp(eps, norm="global", num_groups=G), optax.sgd(LR))
   model, state, opt_state = helper_run(mode, tx, jit_helper_step)
   ref_model, ref_state, infos = reference_run(mode, eps)
   _assert_close(_arrays(model, state), _arrays(ref_model, ref_state), atol=1e-10)
@@ -181,7 +181,7 @@ def test_three_steps_match_the_hand_written_grouped_reference(x64, mode):
 def test_epsilon_zero_is_ghost_batch_norm_erm_not_full_batch_erm(x64):
   """epsilon=0: the mean over groups of each group's gradient from the incoming state, and the
   mean of the groups' new states (ghost-BN ERM); the full-batch ERM step differs."""
-  tx = optax.chain(amp_optax.amp(0.0, num_groups=G), optax.sgd(LR))
+  tx = optax.chain(amp_optax.grouped_amp(0.0, num_groups=G), optax.sgd(LR))
   model, state, _ = helper_run("batch", tx, jit_helper_step)
   ref_model, ref_state, _ = reference_run("batch", 0.0)
   _assert_close(_arrays(model, state), _arrays(ref_model, ref_state), atol=1e-10)
@@ -199,7 +199,7 @@ def test_one_group_is_the_ungrouped_value_and_grad_step(x64):
   """G=1 (two ascent steps, so each pass needs its own copy of the State) is the ungrouped
   step of amp_eqx.value_and_grad with amp(eps), parameters and state, to float rounding."""
   base = optax.sgd(LR)
-  tx = optax.chain(amp_optax.amp(0.05, inner_steps=2, num_groups=1), base)
+  tx = optax.chain(amp_optax.grouped_amp(0.05, inner_steps=2, num_groups=1), base)
   model, state, _ = helper_run("ema", tx, jit_helper_step, groups=1)
 
   @eqx.filter_jit
@@ -269,7 +269,7 @@ def test_the_step_compiles_once_under_filter_jit_and_equals_the_eager_step(x64):
     traces.append(None)
     return helper_step(model, state, opt_state, tx, xs, ys, groups)
 
-  tx = optax.chain(amp_optax.amp(0.05, inner_steps=2, num_groups=G), optax.sgd(LR))
+  tx = optax.chain(amp_optax.grouped_amp(0.05, inner_steps=2, num_groups=G), optax.sgd(LR))
   model, state, opt_state = helper_run("ema", tx, step)
   assert len(traces) == 1
   eager_model, eager_state, eager_opt_state = helper_run("ema", tx, helper_step, steps=3)

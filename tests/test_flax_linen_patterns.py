@@ -126,8 +126,9 @@ def _split(amp, traces):
   @jax.jit
   def amp_update(state, grads, updates, batch, rng):
     traces.append("update")
-    return flax_linen.apply_gradients(state, grads=grads, loss_fn=loss_fn, batch=batch, rng=rng,
-                                      has_aux=True, batch_stats=updates["batch_stats"])
+    return flax_linen.apply_amp_gradients(state, grads=grads, loss_fn=loss_fn, batch=batch,
+                                          rng=rng, has_aux=True,
+                                          batch_stats=updates["batch_stats"])
 
   def train_step(state, batch, rng):
     grads, updates, _, _ = apply_model(state, batch, rng)

@@ -1,4 +1,4 @@
-"""Grouped ascent (amp(..., num_groups=G)) through the Flax Linen and NNX helpers.
+"""Grouped ascent (grouped_amp) through the Flax Linen, NNX and Equinox helpers.
 
 For each framework: G = 1 against the module's ungrouped helper, G = 4 against
 amp_optax.grouped_value_and_grad on the same pure loss (no BatchNorm), epsilon = 0 with BatchNorm
@@ -66,8 +66,8 @@ def linen_setup(norm=True):
 
 
 def linen_grouped_step(tx, params, stats, opt_state, loss_fn, batch, rng, groups):
-  losses, new_stats, grads, amp_grad_fn = flax_linen.grouped_value_and_grad(
-      loss_fn, params, stats, amp_optax.group_batch(batch, groups), rng)
+  (losses, new_stats), grads, amp_grad_fn = flax_linen.grouped_value_and_grad(loss_fn)(
+      params, stats, amp_optax.group_batch(batch, groups), rng)
   updates, opt_state = tx.update(grads, opt_state, params, grad_fn=amp_grad_fn)
   return optax.apply_updates(params, updates), new_stats, opt_state, losses
 
@@ -75,7 +75,8 @@ def linen_grouped_step(tx, params, stats, opt_state, loss_fn, batch, rng, groups
 def test_linen_one_group_is_the_ungrouped_helper():
   params, stats, loss_fn = linen_setup()
   batch, rng = make_batch(), jax.random.key(3)
-  grouped_tx = optax.chain(amp_optax.amp(0.1, inner_steps=2, num_groups=1), optax.sgd(0.1))
+  grouped_tx = optax.chain(amp_optax.grouped_amp(0.1, inner_steps=2, num_groups=1),
+                           optax.sgd(0.1))
   new_params, new_stats, _, losses = jax.jit(
       lambda p, s, b, r: linen_grouped_step(grouped_tx, p, s, grouped_tx.init(p), loss_fn, b, r,
                                             1))(params, stats, batch, rng)
@@ -98,7 +99,7 @@ def test_linen_one_group_is_the_ungrouped_helper():
 
 def test_linen_four_groups_is_the_core_grouped_helper():
   params, _, loss_fn = linen_setup(norm=False)
-  tx = optax.chain(amp_optax.amp(0.1, inner_steps=2, num_groups=G), optax.sgd(0.1))
+  tx = optax.chain(amp_optax.grouped_amp(0.1, inner_steps=2, num_groups=G), optax.sgd(0.1))
   opt_state = tx.init(params)
   ref_params, ref_state = params, opt_state
 
@@ -110,8 +111,8 @@ def test_linen_four_groups_is_the_core_grouped_helper():
     params, stats, opt_state, losses = linen_grouped_step(tx, params, None, opt_state, loss_fn,
                                                           batch, None, G)
     assert stats is None and losses.shape == (G,)
-    ref_losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-        pure_loss, ref_params, amp_optax.group_batch(batch, G))
+    ref_losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(pure_loss)(
+        ref_params, amp_optax.group_batch(batch, G))
     updates, ref_state = tx.update(grads, ref_state, ref_params, grad_fn=amp_grad_fn)
     ref_params = optax.apply_updates(ref_params, updates)
     tree_allclose(losses, ref_losses)
@@ -134,7 +135,7 @@ def linen_ghost_erm(params, stats, loss_fn, batch, rng, lr):
 
 def test_linen_epsilon_zero_is_ghost_batch_norm_erm():
   params, stats, loss_fn = linen_setup()
-  tx = optax.chain(amp_optax.amp(0.0, num_groups=G), optax.sgd(0.1))
+  tx = optax.chain(amp_optax.grouped_amp(0.0, num_groups=G), optax.sgd(0.1))
   batch, rng = make_batch(), jax.random.key(5)
   new_params, new_stats, _, _ = jax.jit(
       lambda p, s: linen_grouped_step(tx, p, s, tx.init(p), loss_fn, batch, rng, G))(params, stats)
@@ -150,7 +151,7 @@ def test_linen_epsilon_zero_is_ghost_batch_norm_erm():
 
 def test_linen_learns_and_traces_once():
   params, stats, loss_fn = linen_setup()
-  tx = optax.chain(amp_optax.amp(0.05, num_groups=G), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(amp_optax.grouped_amp(0.05, num_groups=G), optax.sgd(0.1, momentum=0.9))
   traces = []
 
   @jax.jit
@@ -167,6 +168,43 @@ def test_linen_learns_and_traces_once():
     losses.append(float(loss))
   assert len(traces) == 1
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_linen_has_aux_gives_aux_then_the_statistics():
+  """has_aux=True: out is (losses, (aux, new_batch_stats)), aux stacked per group; the rest
+  (losses, statistics, gradients, grad_fn) is what has_aux=False gives for the same loss."""
+  params, stats, loss_fn = linen_setup()
+  batch, rng = amp_optax.group_batch(make_batch(), G), jax.random.key(7)
+
+  def loss_with_aux(params, batch_stats, batch, rng):
+    loss, updates = loss_fn(params, batch_stats, batch, rng)
+    return loss, ({"twice": 2 * loss}, updates)
+
+  (losses, (aux, new_stats)), grads, amp_grad_fn = flax_linen.grouped_value_and_grad(
+      loss_with_aux, has_aux=True)(params, stats, batch, rng)
+  (want_losses, want_stats), want_grads, want_grad_fn = flax_linen.grouped_value_and_grad(
+      loss_fn)(params, stats, batch, rng)
+  assert losses.shape == aux["twice"].shape == (G,)
+  np.testing.assert_allclose(aux["twice"], 2 * want_losses, rtol=1e-6)
+  tree_equal(losses, want_losses)
+  tree_equal(new_stats, want_stats)
+  tree_equal(grads, want_grads)
+  stacked = jax.tree.map(lambda p, g: p + 0.1 * g, params, grads)  # per-group parameters
+  tree_equal(amp_grad_fn(stacked, 0), want_grad_fn(stacked, 0))
+  # Not vacuous: the groups' statistics and losses differ.
+  assert np.ptp(np.asarray(losses)) > 1e-3
+
+
+def test_helpers_check_policies_when_curried_and_keep_the_builders_private():
+  _, _, loss_fn = linen_setup()
+  with pytest.raises(ValueError, match="rng_policy"):
+    flax_linen.grouped_value_and_grad(loss_fn, rng_policy="new")
+  with pytest.raises(ValueError, match="rng_policy"):
+    flax_nnx.grouped_value_and_grad(nnx_loss, rng_policy="new")
+  assert "make_grouped_grad_fn" not in flax_linen.__all__
+  assert not hasattr(flax_linen, "make_grouped_grad_fn")
+  assert "apply_amp_gradients" in flax_linen.__all__
+  assert not hasattr(flax_linen, "apply_gradients")
 
 
 # ------------------------------------------------------------------------------------------- NNX
@@ -201,8 +239,8 @@ def nnx_fold_keys(model, j):
 
 
 def nnx_grouped_step(model, optimizer, batch, groups):
-  losses, grads, amp_grad_fn = flax_nnx.grouped_value_and_grad(
-      model, nnx_loss, amp_optax.group_batch(batch, groups))
+  losses, grads, amp_grad_fn = flax_nnx.grouped_value_and_grad(nnx_loss)(
+      model, amp_optax.group_batch(batch, groups))
   optimizer.update(model, grads, grad_fn=amp_grad_fn)
   return losses
 
@@ -210,7 +248,7 @@ def nnx_grouped_step(model, optimizer, batch, groups):
 def test_nnx_one_group_is_the_ungrouped_helper():
   model = NnxNet(True, nnx.Rngs(0))
   ref = nnx_fold_keys(nnx.clone(model), 0)
-  tx = optax.chain(amp_optax.amp(0.1, inner_steps=2, num_groups=1), optax.sgd(0.1))
+  tx = optax.chain(amp_optax.grouped_amp(0.1, inner_steps=2, num_groups=1), optax.sgd(0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   ref_tx = optax.chain(amp_optax.amp(0.1, inner_steps=2), optax.sgd(0.1))
   ref_optimizer = nnx.Optimizer(ref, ref_tx, wrt=nnx.Param)
@@ -239,7 +277,7 @@ def test_nnx_four_groups_is_the_core_grouped_helper():
   model = NnxNet(False, nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.as_pure(params)
-  tx = optax.chain(amp_optax.amp(0.1, inner_steps=2, num_groups=G), optax.sgd(0.1))
+  tx = optax.chain(amp_optax.grouped_amp(0.1, inner_steps=2, num_groups=G), optax.sgd(0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   ref_state = tx.init(params)
 
@@ -250,8 +288,8 @@ def test_nnx_four_groups_is_the_core_grouped_helper():
   for seed in range(2):
     batch = make_batch(seed=seed)
     losses = step(model, optimizer, batch, G)
-    ref_losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-        pure_loss, params, amp_optax.group_batch(batch, G))
+    ref_losses, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(pure_loss)(
+        params, amp_optax.group_batch(batch, G))
     updates, ref_state = tx.update(grads, ref_state, params, grad_fn=amp_grad_fn)
     params = optax.apply_updates(params, updates)
     tree_allclose(losses, ref_losses)
@@ -261,7 +299,7 @@ def test_nnx_four_groups_is_the_core_grouped_helper():
 def test_nnx_epsilon_zero_is_ghost_batch_norm_erm():
   model = NnxNet(True, nnx.Rngs(0))
   start = nnx.clone(model)
-  tx = optax.chain(amp_optax.amp(0.0, num_groups=G), optax.sgd(0.1))
+  tx = optax.chain(amp_optax.grouped_amp(0.0, num_groups=G), optax.sgd(0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   batch, m = make_batch(), N // G
   nnx.jit(nnx_grouped_step, static_argnums=3)(model, optimizer, batch, G)
@@ -285,7 +323,7 @@ def test_nnx_epsilon_zero_is_ghost_batch_norm_erm():
 
 def test_nnx_learns_and_traces_once():
   model = NnxNet(True, nnx.Rngs(0))
-  tx = optax.chain(amp_optax.amp(0.05, num_groups=G), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(amp_optax.grouped_amp(0.05, num_groups=G), optax.sgd(0.1, momentum=0.9))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   traces = []
 
@@ -298,6 +336,34 @@ def test_nnx_learns_and_traces_once():
   losses = [float(step(model, optimizer, batch)) for _ in range(40)]
   assert len(traces) == 1
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_nnx_has_aux_and_extra_args():
+  """has_aux=True gives (losses, aux) stacked per group; an argument after the grouped batch
+  is passed to every group as it is. Losses and the step equal those without aux."""
+  model = NnxNet(True, nnx.Rngs(0))
+  ref = nnx.clone(model)
+  batch = amp_optax.group_batch(make_batch(), G)
+
+  def loss_with_aux(model, batch, scale):
+    loss = scale * nnx_loss(model, batch)
+    return loss, {"twice": 2 * loss}
+
+  @nnx.jit
+  def both(model, ref, batch):
+    (losses, aux), grads, _ = flax_nnx.grouped_value_and_grad(loss_with_aux, has_aux=True)(
+        model, batch, jnp.float32(3.0))
+    want, want_grads, _ = flax_nnx.grouped_value_and_grad(
+        lambda m, b: 3.0 * nnx_loss(m, b))(ref, batch)
+    return losses, aux, grads, want, want_grads
+
+  losses, aux, grads, want, want_grads = both(model, ref, batch)
+  assert losses.shape == aux["twice"].shape == (G,)
+  tree_allclose(losses, want, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(aux["twice"], 2 * losses, rtol=1e-6)
+  tree_allclose(nnx.as_pure(grads), nnx.as_pure(want_grads), rtol=1e-6, atol=1e-8)
+  tree_equal(nnx.as_pure(nnx.state(model, nnx.BatchStat)),
+             nnx.as_pure(nnx.state(ref, nnx.BatchStat)))
 
 
 def test_equinox_grouped_value_and_grad_matches_the_pure_helper():
@@ -322,7 +388,7 @@ def test_equinox_grouped_value_and_grad_matches_the_pure_helper():
   model = Net(jax.random.key(0))
   kx, ky = jax.random.split(jax.random.key(1))
   x, y = jax.random.normal(kx, (16, 5)), jax.random.normal(ky, (16, 2))
-  tx = amp_optax.amp(0.1, inner_steps=2, num_groups=4)
+  tx = amp_optax.grouped_amp(0.1, inner_steps=2, num_groups=4)
   params, static = eqx.partition(model, eqx.is_inexact_array)
 
   @eqx.filter_jit
@@ -334,12 +400,12 @@ def test_equinox_grouped_value_and_grad_matches_the_pure_helper():
 
   got = step(model)
   pure = lambda p, b: loss_fn(eqx.combine(p, static), b["x"], b["y"])  # noqa: E731
-  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
-      pure, params, amp_optax.group_batch({"x": x, "y": y}, 4))
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(pure)(
+      params, amp_optax.group_batch({"x": x, "y": y}, 4))
   want, _ = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
-  _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, axis_name="batch")
+  _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, axis_name="batch", mode="batch")
   with pytest.raises(TypeError, match="stateless models only"):
     amp_eqx.grouped_value_and_grad(lambda m, s, x: 0.0)(model, state, x)

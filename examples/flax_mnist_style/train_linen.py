@@ -10,7 +10,7 @@ the gradients, ``update_model`` (jitted) applies them, with BatchNorm and
 Dropout added as users do (a ``TrainState`` with ``batch_stats``). A
 ``grad_fn`` cannot cross from one jit to the other, so with AMP
 ``update_model`` takes the batch and the dropout key and
-``flax_linen.apply_gradients`` builds it there (lines marked ``# AMP``).
+``flax_linen.apply_amp_gradients`` builds it there (lines marked ``# AMP``).
 
 ``--optimizer drop-in`` runs AMP with Flax's code as it is (Flax's own ``TrainState``, the ERM
 ``update_model``, no ``grad_fn``): the only change is the optimiser line,
@@ -90,7 +90,7 @@ def update_model(state, grads, updates):
 
 @jax.jit
 def amp_update_model(state, grads, updates, batch, rng):  # AMP: also the batch and rng
-  return flax_linen.apply_gradients(  # AMP
+  return flax_linen.apply_amp_gradients(  # AMP
       state, grads=grads, loss_fn=loss_fn, batch=batch, rng=rng, has_aux=True,
       batch_stats=updates["batch_stats"])
 
