@@ -450,16 +450,18 @@ def grouped_value_and_grad(
 
     axes = tuple(group_axes(arg) for arg in grouped_args)
     value_and_grad = jax.value_and_grad(loss_of_params, has_aux=has_aux)
-    out, grads = jax.vmap(value_and_grad, in_axes=(None, *axes))(params, *args_for_a_pass())
+    out, grads = _grouped.map_over_groups(
+        value_and_grad, (None, *axes), _grouped.varying_like(params, grouped_args),
+        *args_for_a_pass())
     if has_aux:
       loss, aux = out
       out = (loss, mean_states(aux, jnp.shape(loss)[0]))
-    per_group = jax.vmap(jax.grad(loss_of_params, has_aux=has_aux), in_axes=(0, *axes))
+    grad = jax.grad(loss_of_params, has_aux=has_aux)
 
     def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
       del inner_step
       # From the incoming state: the perturbed passes' new states (the aux) are discarded.
-      grads = per_group(stacked_params, *args_for_a_pass())
+      grads = _grouped.map_over_groups(grad, (0, *axes), stacked_params, *args_for_a_pass())
       return grads[0] if has_aux else grads
 
     return out, grads, amp_grad_fn

@@ -857,11 +857,11 @@ def _grouped_grad_fn(
                               _perturbed_rng(key, inner_step, rng_policy))
     return grads
 
-  per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
   keys = _group_rngs(rng, groups)
 
   def grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
-    return per_group(stacked_params, grouped_batch, keys, inner_step)
+    return _grouped.map_over_groups(one_group, (0, 0, 0, None), stacked_params, grouped_batch,
+                                    keys, inner_step)
 
   return grad_fn
 
@@ -953,11 +953,13 @@ def grouped_value_and_grad(
       params: optax.Params, batch_stats: Any, grouped_batch: Any, rng: Any = None,
   ) -> tuple[Any, Any, GradFn]:
     groups = _grouped.num_groups_of(grouped_batch, where)
+    params = _grouped.varying_like(params, grouped_batch)
 
     def clean(batch, key):
       return value_and_grad(params, batch_stats, batch, key)
 
-    (losses, (stats, aux)), grads = jax.vmap(clean)(grouped_batch, _group_rngs(rng, groups))
+    (losses, (stats, aux)), grads = _grouped.map_over_groups(
+        clean, (0, 0), grouped_batch, _group_rngs(rng, groups))
     stats_leaves, stats_def = jax.tree.flatten(stats)
     new_stats = jax.tree.unflatten(stats_def, _grouped.mean_leaves(stats_leaves, groups))
     amp_grad_fn = _grouped_grad_fn(loss_fn, batch_stats, grouped_batch, rng, has_aux=has_aux,

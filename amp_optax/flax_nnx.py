@@ -609,8 +609,9 @@ def grouped_value_and_grad(
       _policies.check_loss_output(out, has_aux, where, _AUX_FORM)
       return (out[0] if has_aux else out), (out, snapshot.state_of(model_copy, args_copy))
 
-    clean = jax.vmap(jax.value_and_grad(loss_at, has_aux=True), in_axes=(None, 0, 0))
-    (_, (out, new_state)), grads = clean(params, group_keys, grouped_batch)
+    (_, (out, new_state)), grads = _grouped.map_over_groups(
+        jax.value_and_grad(loss_at, has_aux=True), (None, 0, 0),
+        _grouped.varying_like(params, grouped_batch), group_keys, grouped_batch)
     new_counts, new_rest = new_state
     new_leaves = ([x[0] for x in jax.tree.leaves(new_counts)]
                   + _grouped.mean_leaves(jax.tree.leaves(new_rest), groups))
@@ -624,10 +625,9 @@ def grouped_value_and_grad(
         keys = jax.tree.map(lambda key: jax.random.fold_in(key, inner_step), keys)
       return grad(params, keys, batch)[0]
 
-    per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
-
     def amp_grad_fn(stacked_params: optax.Params, inner_step: Any) -> optax.Updates:
-      return per_group(stacked_params, group_keys, grouped_batch, inner_step)
+      return _grouped.map_over_groups(one_group, (0, 0, 0, None), stacked_params, group_keys,
+                                      grouped_batch, inner_step)
 
     grad_vars = jax.tree.map(lambda var, g: var.replace(g), param_vars, grads,
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
