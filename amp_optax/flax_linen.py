@@ -132,6 +132,9 @@ __all__ = (
 LossFn = Callable[..., Any]
 GradFn = Callable[[optax.Params, Any], optax.Updates]
 
+# The attribute make_grad_fn sets on its grad_fn: whether its perturbed passes are loss-scaled.
+_LOSS_SCALED = "amp_loss_scaled"
+
 
 class TrainState(train_state.TrainState):
   """Flax's ``TrainState`` with ``batch_stats``, forwarding extra args to ``tx``.
@@ -205,6 +208,15 @@ class TrainState(train_state.TrainState):
       updated, and the fields in ``kwargs`` replaced.
     """
     extra = dict(tx_kwargs or {})
+    if (getattr(self, "dynamic_scale", None) is not None
+        and getattr(grad_fn, _LOSS_SCALED, None) is False):
+      raise ValueError(
+          "flax_linen.TrainState.apply_gradients(): this state has a dynamic_scale, so its "
+          "clean pass is loss-scaled, but amp_grad_fn was built without one: its perturbed "
+          "passes would run unscaled in low precision (float16 gradients underflow), and even "
+          "epsilon=0 would differ from the plain step. Build it with the scale the clean pass "
+          "used: flax_linen.make_grad_fn(loss_fn, ..., dynamic_scale=state.dynamic_scale), or "
+          "use flax_linen.amp_step, which does.")
     if grad_fn is not None:
       if "grad_fn" in extra:
         raise TypeError(
@@ -555,9 +567,13 @@ def make_grad_fn(
   closure = batch_stats is _CLOSED_OVER and batch is _CLOSED_OVER
   _check_form(loss_fn, closure, batch_stats, batch, rng, rng_policy)
   if closure:
-    return _closure_grad_fn(loss_fn, has_aux, dynamic_scale)
-  full_loss = _normalised(loss_fn, has_aux, "flax_linen.make_grad_fn")
-  return _grad_fn(full_loss, batch_stats, batch, rng, rng_policy, dynamic_scale)
+    grad_fn = _closure_grad_fn(loss_fn, has_aux, dynamic_scale)
+  else:
+    full_loss = _normalised(loss_fn, has_aux, "flax_linen.make_grad_fn")
+    grad_fn = _grad_fn(full_loss, batch_stats, batch, rng, rng_policy, dynamic_scale)
+  # Read by TrainState.apply_gradients: a state with a loss scale needs scaled perturbed passes.
+  setattr(grad_fn, _LOSS_SCALED, dynamic_scale is not None)
+  return grad_fn
 
 
 def dynamic_scale_after_amp(

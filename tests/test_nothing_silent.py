@@ -284,3 +284,35 @@ def test_infinite_inner_lr_is_refused_at_build():
 def test_grouped_amp_errors_name_grouped_amp():
   with pytest.raises(TypeError, match=r"^grouped_amp\(\): `batch_axis_name`"):
     amp_optax.grouped_amp(0.1, num_groups=2, batch_axis_name=3)
+
+
+def test_linen_state_with_a_loss_scale_refuses_an_unscaled_amp_grad_fn():
+  """Flax's ImageNet pattern (a TrainState with dynamic_scale, the closure loss): building
+  amp_grad_fn without dynamic_scale= is an error naming it; with it, the step runs."""
+  flax_linen = pytest.importorskip("amp_optax.flax_linen")
+  from flax.training import dynamic_scale as dynamic_scale_lib
+  nn = pytest.importorskip("flax.linen")
+
+  class State(flax_linen.TrainState):
+    dynamic_scale: dynamic_scale_lib.DynamicScale
+
+  model = nn.Dense(1, dtype=jnp.float16)
+  x, y = BATCH[0], BATCH[1][:, None]
+  params = model.init(jax.random.key(0), x)["params"]
+  state = State.create(apply_fn=model.apply, params=params,
+                       tx=optax.chain(amp_optax.amp(0.05), optax.sgd(0.1)),
+                       dynamic_scale=dynamic_scale_lib.DynamicScale())
+
+  def step(state, scaled):
+    def loss(p):
+      return jnp.mean((model.apply({"params": p}, x).astype(jnp.float32) - y) ** 2)
+    grad_fn = state.dynamic_scale.value_and_grad(loss)
+    dynamic_scale, is_fin, _, grads = grad_fn(state.params)
+    amp_grad_fn = flax_linen.make_grad_fn(
+        loss, dynamic_scale=state.dynamic_scale if scaled else None)
+    return state.apply_gradients(grads=grads, grad_fn=amp_grad_fn, dynamic_scale=dynamic_scale)
+
+  with pytest.raises(ValueError, match=r"dynamic_scale=state.dynamic_scale"):
+    jax.jit(step, static_argnums=1)(state, False)
+  new_state = jax.jit(step, static_argnums=1)(state, True)
+  assert int(new_state.step) == 1
