@@ -8,9 +8,10 @@ buffer assignment, not a run, gives the figures.
 
 Models: ``preactresnet18`` and ``small`` (the CIFAR models, batch statistics included) and
 ``mlp`` (four 1024x1024 layers at batch 8, where the parameters dominate memory as in large
-models), with grouped AMP rows (``num_groups=4``: four stacked per-group gradients on one
-device), and the same steps compiled for 4 (CPU) devices with the batch, and the group axis,
-sharded over them: per-device memory beyond the sharded ERM step's, one group per device.
+models), with grouped AMP rows (``grouped_amp(..., num_groups=4)``: four stacked per-group
+gradients on one device), and the same steps compiled for 4 (CPU) devices with the batch, and the
+group axis, sharded over them: per-device memory beyond the sharded ERM step's, one group per
+device.
 
 Run from the repository root::
 
@@ -48,7 +49,7 @@ def mlp_params(width: int = 1024, depth: int = 4) -> Any:
           for k in keys]
 
 
-# Grouped AMP (num_groups=G) rows, MLP only: the per-group gradients are G stacked copies.
+# grouped_amp(..., num_groups=G) rows, MLP only: the per-group gradients are G stacked copies.
 GROUPED_ROWS = (
     step_time.Variant("AMP K=1 per_tensor, 4 groups", "jax", "amp", 1, "per_tensor",
                       num_groups=4),

@@ -12,9 +12,10 @@ same model on the same batch for
 Each step time is the median over ``--iters`` calls after ``--warmup`` calls, each call waited
 for (``block_until_ready``); the variants are interleaved in ``--rounds`` rounds so that a
 machine whose load drifts affects them alike. Ratios are to the ERM step of the same framework in
-the same run. The cheaper-step rows (``ascent_every = k``) time one call as a whole period of k
-steps and report its time / k: the mean cost of a step. Their ``py`` variants decide the ascent
-steps in Python (``update(..., ascend=bool)``, two compiled steps) instead of amp's ``lax.cond``.
+the same run. The cheaper-step rows ("every k", named ``py`` for the Python dispatch) ascend on
+every k-th step only, decided in Python (``tx.update(..., ascend=step % k == 0)`` with ``ascend``
+static: two compiled steps), with or without ``amp(..., reuse_correction=True)``; one timed call is
+a whole period of k steps and the row reports its time / k: the mean cost of a step.
 
 Memory: from the compiled executable's ``memory_analysis()`` (argument + output + temporary
 buffers, minus donated buffers that alias an output), the difference to the ERM step in units of
@@ -65,17 +66,16 @@ class Variant:
   # amp(unroll=...): None is amp's backend default (unrolled on CPU, one loop body elsewhere);
   # 1 forces the lax loop, True unrolls the K steps.
   unroll: bool | int | None = None
-  # amp(ascent_every=..., between_ascents=...): the cheaper step, an ascent every k-th step.
-  ascent_every: int | None = None
-  between_ascents: str = "clean"
-  # Decide the ascent steps in Python (two compiled steps, update(..., ascend=bool)) instead of
-  # amp's lax.cond, which XLA:CPU runs as slowly as a loop.
-  python_driven: bool = False
+  # The cheaper step: ascend on every k-th step only, decided in Python (two compiled steps,
+  # tx.update(..., ascend=step % k == 0)); reuse_correction: amp(..., reuse_correction=True), the
+  # steps between ascents add the last ascent's correction to the clean gradient.
+  ascend_every: int | None = None
+  reuse_correction: bool = False
   # amp_optax.drop_in_amp(ascent=...) in the plain step: "gradient" or "momentum".
   drop_in: str | None = None
   # ERM, then AMP for the last quarter of training: timed as 3 ERM-like steps + 1 AMP step.
   late: bool = False
-  # amp(num_groups=G): grouped ascent (m-sharpness), per-group passes under one jax.vmap
+  # grouped_amp(num_groups=G): grouped ascent (m-sharpness), per-group passes under one jax.vmap
   # (amp_optax.flax_linen.grouped_value_and_grad, BatchNorm per group).
   num_groups: int | None = None
 
@@ -88,7 +88,7 @@ class Variant:
       return 1 + self.inner_steps
     if self.late:
       return 1 + self.inner_steps * LATE_FRACTION
-    every = self.ascent_every or 1
+    every = self.ascend_every or 1
     return {"erm": 1, "amp": 1 + self.inner_steps / every, "sam": 2}[self.method]
 
   @property
@@ -96,7 +96,7 @@ class Variant:
     """Steps decided in Python: one ascent step every ``period`` steps (the last of them)."""
     if self.late:
       return round(1 / LATE_FRACTION)
-    return self.ascent_every if self.python_driven else None
+    return self.ascend_every
 
 
 def variants(inner_steps: tuple[int, ...], with_torch: bool,
@@ -110,12 +110,11 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool,
   out += [Variant(f"AMP K={k} per_tensor unroll", "jax", "amp", k, "per_tensor", True)
           for k in inner_steps if k > 1]
   out.append(Variant("SAM opaque (optax.contrib)", "jax", "sam"))
-  out += [Variant(f"AMP K=1 per_tensor every {every} {between}", "jax", "amp", 1, "per_tensor",
-                  ascent_every=every, between_ascents=between)
-          for every in (2, 4) for between in ("clean", "reuse")]
-  out += [Variant(f"AMP K=1 per_tensor every {every} {between} py", "jax", "amp", 1,
-                  "per_tensor", ascent_every=every, between_ascents=between, python_driven=True)
-          for every in (2, 4) for between in ("clean", "reuse")]
+  # The cheaper step, decided in Python ("py"; 0.1's lax.cond rows without it are gone with
+  # amp(ascent_every=)).
+  out += [Variant(f"AMP K=1 per_tensor every {every} {'reuse' if reuse else 'clean'} py", "jax",
+                  "amp", 1, "per_tensor", ascend_every=every, reuse_correction=reuse)
+          for every in (2, 4) for reuse in (False, True)]
   # AMP at ERM's cost (issue 16).
   out += [Variant("AMP K=1 per_tensor drop-in momentum", "jax", "amp", 1, "per_tensor",
                   drop_in="momentum"),
@@ -123,7 +122,7 @@ def variants(inner_steps: tuple[int, ...], with_torch: bool,
                   drop_in="gradient"),
           Variant("AMP K=1 per_tensor late 25%", "jax", "amp", 1, "per_tensor", late=True),
           Variant("AMP K=1 per_tensor every 8 reuse py", "jax", "amp", 1, "per_tensor",
-                  ascent_every=8, between_ascents="reuse", python_driven=True)]
+                  ascend_every=8, reuse_correction=True)]
   # Grouped ascent (issue 17): G groups of batch / G examples, each with its own Delta.
   out += [Variant(f"AMP K=1 global G={g}", "jax", "amp", 1, "global", num_groups=g)
           for g in (4, 16) if batch_size % g == 0]
@@ -141,14 +140,19 @@ def make_optimizer(variant: Variant, hp: argparse.Namespace) -> optax.GradientTr
   if variant.method == "erm":
     return base
   if variant.drop_in:
-    return amp_optax.drop_in_amp(base, hp.epsilon, hp.inner_lr, variant.inner_steps,
-                                 variant.norm, ascent=variant.drop_in)
+    return amp_optax.drop_in_amp(base, hp.epsilon, inner_lr=hp.inner_lr,
+                                 inner_steps=variant.inner_steps, norm=variant.norm,
+                                 ascent=variant.drop_in)
+  if variant.method == "amp" and variant.num_groups is not None:
+    return optax.chain(
+        amp_optax.grouped_amp(hp.epsilon, num_groups=variant.num_groups, inner_lr=hp.inner_lr,
+                              inner_steps=variant.inner_steps, norm=variant.norm,
+                              unroll=variant.unroll), base)
   if variant.method == "amp":
     return optax.chain(
-        amp_optax.amp(hp.epsilon, hp.inner_lr, variant.inner_steps, variant.norm,
-                      unroll=variant.unroll, ascent_every=variant.ascent_every,
-                      between_ascents=variant.between_ascents,
-                      num_groups=variant.num_groups), base)
+        amp_optax.amp(hp.epsilon, inner_lr=hp.inner_lr, inner_steps=variant.inner_steps,
+                      norm=variant.norm, unroll=variant.unroll,
+                      reuse_correction=variant.reuse_correction), base)
   adv = optax.chain(optax.contrib.normalize(), optax.sgd(hp.rho))
   return optax.contrib.sam(base, adv, sync_period=2, opaque_mode=True)
 
@@ -174,9 +178,9 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
 
   def grouped_step(state, x, y):
     params, batch_stats, opt_state = state
-    loss, new_stats, grads, grad_fn = flax_linen.grouped_value_and_grad(
-        lambda p, s, b, _: loss_fn(p, s, *b), params, batch_stats,
-        amp_optax.group_batch((x, y), num_groups))
+    (loss, new_stats), grads, grad_fn = flax_linen.grouped_value_and_grad(
+        lambda p, s, b, _: loss_fn(p, s, *b))(
+            params, batch_stats, amp_optax.group_batch((x, y), num_groups))
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     return (optax.apply_updates(params, updates), new_stats, opt_state), jnp.mean(loss)
 
@@ -245,10 +249,10 @@ class JaxRunner:
       self.compiled_clean = jax.jit(make_train_step(model, tx, False), donate_argnums=0).lower(
           self.state, x, y).compile()
     self.calls = 0
-    # With ascent_every = k a timed call is one whole period of k steps (one ascent step and
-    # k - 1 without), so that the per-step time is a mean over the period, not the median of
-    # two kinds of step. The drop-in gradient ascent's step is K + 1 calls.
-    self.steps_per_call = self.every or variant.ascent_every or 1
+    # With an ascent every k-th step a timed call is one whole period of k steps (one ascent
+    # step and k - 1 without), so that the per-step time is a mean over the period, not the
+    # median of two kinds of step. The drop-in gradient ascent's step is K + 1 calls.
+    self.steps_per_call = self.every or 1
     self.step_calls = variant.inner_steps + 1 if variant.drop_in == "gradient" else 1
     self.kind_times: dict[str, list[float]] = {"ascent": [], "between": []}
     self.loss = float("nan")

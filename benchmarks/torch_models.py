@@ -14,7 +14,7 @@ per-tensor ball of the authors' code:
 3. restore ``theta`` and take an SGD step (momentum, optional Nesterov, L2 weight decay added to
    the gradient) with the last ``g``.
 
-This is the same update as ``optax.chain(amp_optax.amp(eps, inner_lr, K),
+This is the same update as ``optax.chain(amp_optax.amp(eps, inner_lr=inner_lr, inner_steps=K),
 optax.add_decayed_weights(wd), optax.sgd(lr, momentum, nesterov))``.
 """
 

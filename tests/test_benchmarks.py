@@ -37,7 +37,7 @@ def _finite_positive(x) -> bool:
 
 def test_step_time_smoke(tmp_path):
   out_path = tmp_path / "step_time.json"
-  # 20 JAX rows, each compiled: minutes on a loaded 2-core machine.
+  # 17 JAX rows, each compiled: minutes on a loaded 2-core machine.
   stdout = _run_module("benchmarks.step_time", "--smoke", "--out", str(out_path), timeout=600)
   assert "ms/step" in stdout and "compile time" in stdout
   out = json.loads(out_path.read_text())
@@ -46,8 +46,7 @@ def test_step_time_smoke(tmp_path):
               ("jax", "AMP K=1 global"), ("jax", "AMP K=2 global"),
               ("jax", "AMP K=2 per_tensor loop"), ("jax", "AMP K=2 per_tensor unroll"),
               ("jax", "SAM opaque (optax.contrib)"),
-              *[("jax", f"AMP K=1 per_tensor every {k} {b}")
-                for k in (2, 4) for b in ("clean", "reuse")],
+              # The cheaper step: ascend=step % k == 0 decided in Python, reuse_correction.
               *[("jax", f"AMP K=1 per_tensor every {k} {b} py")
                 for k in (2, 4) for b in ("clean", "reuse")],
               # AMP at ERM's cost (issue 16).
@@ -66,8 +65,8 @@ def test_step_time_smoke(tmp_path):
       assert _finite_positive(r[k]), (r["name"], k, r[k])
     assert math.isfinite(r["final_loss"])
   assert out["rows"][0]["ratio_vs_erm"] == 1.0
-  assert [r["grad_evals"] for r in out["rows"][:21]] == [
-      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25, 1.5, 1.5, 1.25, 1.25, 1, 2, 1.25, 1.125, 2]
+  assert [r["grad_evals"] for r in out["rows"][:17]] == [
+      1, 2, 3, 2, 3, 3, 3, 2, 1.5, 1.5, 1.25, 1.25, 1, 2, 1.25, 1.125, 2]
   # The steps decided in Python also time each kind of step on its own.
   by_name = {r["name"]: r for r in out["rows"] if r["framework"] == "jax"}
   for name in ("AMP K=1 per_tensor late 25%", "AMP K=1 per_tensor every 8 reuse py",
@@ -172,7 +171,7 @@ def test_torch_amp_step_matches_amp_optax(inner_steps):
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     tx = optax.chain(
-        amp_optax.amp(hp["epsilon"], hp["inner_lr"], inner_steps),
+        amp_optax.amp(hp["epsilon"], inner_lr=hp["inner_lr"], inner_steps=inner_steps),
         optax.add_decayed_weights(hp["weight_decay"]),
         optax.sgd(hp["lr"], momentum=hp["momentum"], nesterov=True))
     state = tx.init(params)

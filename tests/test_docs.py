@@ -379,7 +379,8 @@ def _check_api_pages(out):
                        "in docs/api/*.md")
   # The docstring's example and argument list made it onto the page of amp.
   text = _visible_text(out / "api" / "_autosummary" / "amp_optax.amp.html")
-  for expected in ("inner_steps", "batch_axis_name", "amp_optax.amp(epsilon=0.05)"):
+  for expected in ("inner_steps", "batch_axis_name", "relative", "reuse_correction",
+                   "amp_optax.amp(0.05)"):
     assert expected in text, expected
 
 

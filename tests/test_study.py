@@ -1,7 +1,8 @@
 """Smoke tests of the study (benchmarks/study/) on synthetic data (seconds), and of its pieces.
 
-* the Python-dispatched cheaper step (two jitted steps alternated from Python) matches the
-  library's ``amp(..., ascent_every=k, between_ascents=...)`` (one ``lax.cond``) step by step;
+* the Python-dispatched cheaper step (``amp(..., reuse_correction=)`` with ``update(...,
+  ascend=)``, two jitted steps alternated from Python) is, step by step, the arithmetic the
+  published cheaper-step rows were trained with (0.1's hand-written two-jit form);
 * the paired t-interval matches a hand computation;
 * the sweep's selection picks the best validation accuracy, never the test accuracy;
 * the whole table runs end to end (``study-smoke``), writes JSON / markdown / plots, and resumes
@@ -19,8 +20,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import amp_optax
 from benchmarks import study
 from benchmarks.study import cli
 from benchmarks.study import data
@@ -36,14 +39,55 @@ def _batch(n, seed):
           rng.integers(0, 10, (n,)).astype(np.int32))
 
 
+def _reference_every_k(model, setting, config, total_steps):
+  """amp_optax 0.1's study code for the cheaper step, written out: an always-ascending ``amp``
+  and the base optimiser in two jitted steps, the correction (adversarial minus clean gradient
+  of the last ascent) kept by hand and added on the steps between ascents with "reuse"."""
+  base = runner._base(config, total_steps)  # pylint: disable=protected-access
+  amp_tx = amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, norm=setting.norm,
+                         relative=setting.radius == "relative")
+  reuse = setting.between == "reuse"
+  batch_loss = runner._losses(model, config.augment)  # pylint: disable=protected-access
+
+  def ascent(params, batch_stats, opt_state, images, labels, key):
+    amp_state, base_state, corr = opt_state
+    loss_fn = batch_loss(images, labels, key, batch_stats)
+    (_, (_, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    adv, amp_state = amp_tx.update(grads, amp_state, params,
+                                   grad_fn=lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p))
+    if reuse:
+      corr = jax.tree.map(jnp.subtract, adv, grads)
+    updates, base_state = base.update(adv, base_state, params)
+    return optax.apply_updates(params, updates), new_stats, (amp_state, base_state, corr)
+
+  def clean(params, batch_stats, opt_state, images, labels, key):
+    amp_state, base_state, corr = opt_state
+    loss_fn = batch_loss(images, labels, key, batch_stats)
+    (_, (_, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if reuse:
+      grads = jax.tree.map(jnp.add, grads, corr)
+    updates, base_state = base.update(grads, base_state, params)
+    return optax.apply_updates(params, updates), new_stats, (amp_state, base_state, corr)
+
+  def init(params):
+    corr = jax.tree.map(jnp.zeros_like, params) if reuse else ()
+    return (amp_tx.init(params), base.init(params), corr)
+
+  return init, {True: jax.jit(ascent), False: jax.jit(clean)}
+
+
 @pytest.mark.parametrize("between", ["clean", "reuse"])
-def test_python_dispatched_step_matches_library_cond(between):
+def test_python_dispatched_step_is_the_published_arithmetic(between):
+  # Every cheaper-step row was trained with 0.1's hand-written two-jit form; 0.2 builds it from
+  # amp(..., reuse_correction=) and update(..., ascend=). 0.1's lax.cond form ("cond" rows) was
+  # the same arithmetic and now builds the Python form too.
   model = models.get_model("micro")
-  # With augmentation: both forms draw the same crops and flips from the same keys.
+  # With augmentation: every form draws the same crops and flips from the same keys.
   config = presets.Config("micro", True, 16, 0, 1, 16, lr=0.1)
   setting = presets.Setting("amp", epsilon=0.05, radius="relative", ascent_every=2,
-                          between=between)
+                            between=between)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  schedule = [True, False, True, False]  # ascent, in between (clean or reuse), ...
   runs = []
   for dispatch in ("cond", "python"):
     s = presets.Setting(**{**setting.as_dict(), "dispatch": dispatch})
@@ -52,26 +96,57 @@ def test_python_dispatched_step_matches_library_cond(between):
     stats = jax.tree.map(jnp.array, variables["batch_stats"])
     opt_state = init(params)
     trace = []
-    for i in range(3):  # ascent, in between (clean or reuse), ascent
+    for i in range(len(schedule)):
       x, y = _batch(16, i)
       params, stats, opt_state, loss, _ = step(params, stats, opt_state, x, y,
                                                jax.random.key(i))
-      trace.append(jax.tree.map(np.asarray, params))
+      trace.append(jax.tree.map(np.asarray, (params, stats)))
     runs.append(trace)
-  clean_sgd = presets.Setting("erm")
-  init, step = runner.make_runner(model, clean_sgd, config, 20)
+  init, steps = _reference_every_k(model, setting, config, 20)
   params = jax.tree.map(jnp.array, variables["params"])
   stats = jax.tree.map(jnp.array, variables["batch_stats"])
   opt_state = init(params)
+  want = []
+  for i, ascend in enumerate(schedule):
+    x, y = _batch(16, i)
+    params, stats, opt_state = steps[ascend](params, stats, opt_state, x, y, jax.random.key(i))
+    want.append(jax.tree.map(np.asarray, (params, stats)))
+  for trace in runs:
+    for a, b in zip(trace, want, strict=True):
+      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+  # Not vacuous: the first step ascends, so it differs from plain SGD's; and "reuse" changes
+  # the step between ascents.
+  init, step = runner.make_runner(model, presets.Setting("erm"), config, 20)
+  params = jax.tree.map(jnp.array, variables["params"])
+  stats = jax.tree.map(jnp.array, variables["batch_stats"])
   x, y = _batch(16, 0)
-  erm_first, *_ = step(params, stats, opt_state, x, y, jax.random.key(0))
-  for a, b in zip(*runs, strict=True):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-      np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-6)
-  # The first step ascends: it must differ from plain SGD's, else the check above is vacuous.
+  erm_first, *_ = step(params, stats, init(params), x, y, jax.random.key(0))
   diff = max(float(np.max(np.abs(u - np.asarray(v)))) for u, v in
-             zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(erm_first), strict=True))
+             zip(jax.tree.leaves(runs[0][0][0]), jax.tree.leaves(erm_first), strict=True))
   assert diff > 1e-5
+
+
+def test_reuse_changes_the_steps_between_ascents():
+  model = models.get_model("micro")
+  config = presets.Config("micro", False, 16, 0, 1, 16, lr=0.1)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  out = []
+  for between in ("clean", "reuse"):
+    s = presets.Setting("amp", epsilon=0.05, radius="relative", ascent_every=2,
+                        between=between, dispatch="python")
+    init, step = runner.make_runner(model, s, config, 20)
+    params = jax.tree.map(jnp.array, variables["params"])
+    stats = jax.tree.map(jnp.array, variables["batch_stats"])
+    opt_state = init(params)
+    trace = []
+    for i in range(2):
+      x, y = _batch(16, i)
+      params, stats, opt_state, _, _ = step(params, stats, opt_state, x, y, jax.random.key(i))
+      trace.append(jax.tree.map(np.asarray, params))
+    out.append(trace)
+  assert _leaves_close(out[0][0], out[1][0])  # the ascent steps agree
+  assert not _leaves_close(out[0][1], out[1][1])  # the next step adds the correction
 
 
 def test_paired_ci_matches_hand_computation():
@@ -191,7 +266,6 @@ def test_late_phase_is_erm_then_amp():
 
 @pytest.mark.parametrize("variant", ["momentum", "drop-in"])
 def test_drop_in_variants_evaluate_unperturbed_params(variant):
-  import amp_optax  # pylint: disable=g-import-not-at-top
 
   model = models.get_model("micro")
   config = presets.Config("micro", False, 16, 0, 1, 16, lr=0.1)

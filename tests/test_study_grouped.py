@@ -114,7 +114,7 @@ def test_grouped_step_matches_hand_written_reference(setting):
 @pytest.mark.parametrize("setting", [presets.Setting("amp", epsilon=0.05, norm="global"),
                                      presets.Setting("sam", rho=0.05)], ids=lambda s: s.label)
 def test_one_group_is_the_ungrouped_step(setting):
-  # G = 1 through the grouped path (amp(num_groups=1), vmap over one group) against the
+  # G = 1 through the grouped path (grouped_amp(num_groups=1), vmap over one group) against the
   # study's ungrouped step (amp without grouping; optax.contrib.sam for SAM).
   model = models.get_model("micro")
   config = presets.Config("micro", False, N, 0, 1, N, lr=0.1)
@@ -138,9 +138,10 @@ def _one_group_amp(setting):
   import amp_optax  # pylint: disable=g-import-not-at-top
 
   if setting.method == "sam":
-    return amp_optax.amp(setting.rho, inner_lr=presets.SAM_INNER_LR, norm="global",
-                         num_groups=1)
-  return amp_optax.amp(setting.epsilon, norm=setting.norm, radius=setting.radius, num_groups=1)
+    return amp_optax.grouped_amp(setting.rho, num_groups=1, inner_lr=presets.SAM_INNER_LR,
+                                 norm="global")
+  return amp_optax.grouped_amp(setting.epsilon, num_groups=1, norm=setting.norm,
+                               relative=setting.radius == "relative")
 
 
 def test_grouped_choice_uses_validation_per_group_count():

@@ -38,24 +38,27 @@ and radius for every row) and trains ERM, full AMP, ``drop_in_amp(ascent="moment
 gradient per step), ``drop_in_amp(ascent="gradient")`` with K = 1 in a plain loop (two calls,
 two gradients and two successive batches per descent step: its run is as long in descent steps
 as the others', so it sees twice the batches, at full AMP's cost), AMP on the last 25% of the
-steps only (``update(..., ascend=)`` decided in Python), and ``ascent_every=8`` with
-``"reuse"``; drop-in runs are evaluated at :func:`amp_optax.unperturbed_params`. Its markdown
-reports the gain each keeps relative to full AMP (Fieller interval) and the step time vs ERM.
+steps only (``update(..., ascend=)`` decided in Python), and an ascent on every 8th step
+decided in Python with ``reuse_correction=True``; drop-in runs are evaluated at
+:func:`amp_optax.unperturbed_params`. Its markdown reports the gain each keeps relative to full
+AMP (Fieller interval) and the step time vs ERM.
 
-``study-grouped-sweep`` and ``study-grouped`` study grouped ascent (``amp(...,
+``study-grouped-sweep`` and ``study-grouped`` study grouped ascent (``grouped_amp(...,
 num_groups=G)``, one perturbation per group of m = 100 / G examples, BatchNorm per group):
 the sweep searches the ``study_final.json`` AMP row's (radius, norm) family two x3 steps
 further down than the ungrouped grid, and SAM's rho (grouped SAM is
-``amp(rho, norm="global", inner_lr=1e6, num_groups=G)``: each group's step to the sphere
+``grouped_amp(rho, num_groups=G, inner_lr=1e6, norm="global")``: each group's step to the sphere
 along its own gradient), per G, on validation; the table adds per G an ERM with the same
 ghost batch norm (the grouped step at epsilon 0), and takes its m = 100 rows (ERM, AMP, SAM)
 from ``study_final.json`` (the same runs, not retrained). Its markdown reports per m the gain
 over ERM, the difference to the same method at m = 100 and to the ghost-BN ERM of the same m.
 
-The cheaper step (``ascent_every`` > 1) is trained Python-dispatched (two jitted steps, see
-:func:`runner.make_python_dispatched`): the library's ``lax.cond`` form does the same
-arithmetic, but XLA:CPU runs convolutions inside a conditional's branches slowly; the step-time
-table times both.
+The cheaper step (a setting's ``ascent_every`` k > 1: an ascent on every k-th step) is trained
+Python-dispatched: ``tx.update(..., ascend=step % k == 0)`` with ``ascend`` static, two jitted
+steps (:func:`runner.make_python_dispatched`). amp_optax 0.1 also had a ``lax.cond`` form
+(``amp(ascent_every=k)``), the same arithmetic, which XLA:CPU ran several times slower (it runs
+convolutions inside a conditional's branches slowly); ``study_final.json``'s step-time table
+times both, a new timing only the Python one, the only form 0.2 has.
 
 Every run: SGD with Nesterov momentum 0.9, weight decay 5e-4 (decoupled from the ascent, as in
 the authors' code), cosine learning-rate decay; one jitted train step called from Python per

@@ -322,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--blocks", nargs="+", choices=("core", "aug", "cheaper", "paper"),
                   default=None, help="study-final: run only these blocks (default: all, in the "
                   "order core (ERM/AMP/SAM, no aug), aug (the same with augmentation), cheaper "
-                  "(ascent_every 2 and 4), paper (AMP at the paper's epsilon))")
+                  "(an ascent every 2nd and 4th step), paper (AMP at the paper's epsilon))")
   ap.add_argument("--seeds", type=int, default=None, help="only the first N of the preset's seeds")
   ap.add_argument("--only-seeds", type=int, nargs="+", default=None,
                   help="only these of the preset's seeds, in this order (e.g. 4 3 in a second "

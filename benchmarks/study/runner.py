@@ -1,5 +1,12 @@
 """Training runs: the optimiser of a setting, the jitted train steps (one, or two alternated from
-Python for the cheaper step), evaluation, sharpness at the final parameters, and step time."""
+Python for the cheaper step), evaluation, sharpness at the final parameters, and step time.
+
+A :class:`~benchmarks.study.presets.Setting` keeps the field names of the published JSON (0.1's
+vocabulary); :func:`make_tx` maps them to the 0.2 API: ``radius="relative"`` is
+``relative=True``, ``between="reuse"`` is ``amp(..., reuse_correction=True)``, ``ascent_every=k``
+is ``tx.update(..., ascend=step % k == 0)`` decided in Python (:func:`make_python_dispatched`),
+and ``num_groups=G > 1`` is :func:`amp_optax.grouped_amp`.
+"""
 
 import dataclasses
 import time
@@ -32,11 +39,24 @@ def _base(config: Config, total_steps: int) -> optax.GradientTransformation:
                      optax.sgd(lr, momentum=0.9, nesterov=True))
 
 
-def _amp(setting: Setting, every: int | None) -> optax.GradientTransformation:
+def _relative(setting: Setting) -> bool:
+  if setting.radius not in ("absolute", "relative"):
+    raise ValueError(f"{setting.label}: radius must be 'absolute' or 'relative'")
+  return setting.radius == "relative"
+
+
+def _reuse(setting: Setting) -> bool:
+  if setting.between not in ("clean", "reuse"):
+    raise ValueError(f"{setting.label}: between must be 'clean' or 'reuse'")
+  return setting.between == "reuse" and setting.ascent_every > 1
+
+
+def _amp(setting: Setting) -> optax.GradientTransformation:
+  """The setting's AMP (K = 1); with ``between="reuse"`` and ``ascent_every > 1`` it keeps the
+  last ascent's correction for the steps called with ``ascend=False``."""
   return amp_optax.amp(setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1,
-                       norm=setting.norm, radius=setting.radius, ascent_every=every,
-                       between_ascents=setting.between if every else "clean",
-                       num_groups=setting.num_groups if setting.num_groups > 1 else None)
+                       norm=setting.norm, relative=_relative(setting),
+                       reuse_correction=_reuse(setting))
 
 
 def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.GradientTransformation:
@@ -44,19 +64,24 @@ def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.Gradien
   base = _base(config, total_steps)
   if setting.method == "erm":
     return base  # with num_groups > 1 the step averages the groups' gradients itself.
-  if setting.num_groups > 1 and setting.method == "sam":
-    return optax.chain(amp_optax.amp(setting.rho, inner_lr=SAM_INNER_LR, norm="global",
-                                     num_groups=setting.num_groups), base)
   if setting.num_groups > 1 and (setting.ascent_every > 1 or setting.variant):
     raise ValueError(f"{setting.label}: grouping is studied with the full step only")
+  if setting.num_groups > 1 and setting.method == "sam":
+    return optax.chain(amp_optax.grouped_amp(setting.rho, num_groups=setting.num_groups,
+                                             inner_lr=SAM_INNER_LR, norm="global"), base)
+  if setting.num_groups > 1 and setting.method == "amp":
+    return optax.chain(amp_optax.grouped_amp(
+        setting.epsilon, num_groups=setting.num_groups, inner_lr=setting.inner_lr,
+        inner_steps=1, norm=setting.norm, relative=_relative(setting)), base)
   if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
     # The base optimiser's schedule counts descent steps (total_steps of them).
     return amp_optax.drop_in_amp(
         base, setting.epsilon, inner_lr=setting.inner_lr, inner_steps=1, norm=setting.norm,
-        radius=setting.radius, ascent="momentum" if setting.variant == "momentum" else "gradient")
+        relative=_relative(setting),
+        ascent="momentum" if setting.variant == "momentum" else "gradient")
   if setting.method == "amp":
-    every = None if setting.ascent_every == 1 else setting.ascent_every
-    return optax.chain(_amp(setting, every), base)
+    # ascent_every > 1: the step is called with ascend= (make_python_dispatched).
+    return optax.chain(_amp(setting), base)
   if setting.method == "sam":
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(setting.rho))
     return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
@@ -141,8 +166,8 @@ def make_grouped_train_step(model: nn.Module, tx: optax.GradientTransformation, 
   def step(params, batch_stats, opt_state, images, labels, key):
     x = _inputs(images, key, augment)
     grouped = amp_optax.group_batch((x, labels), num_groups)
-    (losses, logits), new_stats, grads, grad_fn = flax_linen.grouped_value_and_grad(
-        loss_fn, params, batch_stats, grouped, has_aux=True)
+    (losses, (logits, new_stats)), grads, grad_fn = flax_linen.grouped_value_and_grad(
+        loss_fn, has_aux=True)(params, batch_stats, grouped)
     if ascent:
       updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     else:
@@ -156,55 +181,28 @@ def make_grouped_train_step(model: nn.Module, tx: optax.GradientTransformation, 
 
 
 def make_python_dispatched(model: nn.Module, setting: Setting, config: Config, total_steps: int):
-  """AMP's cheaper step with the branch chosen in Python: ``(init, step)``.
+  """AMP's cheaper step, the ascent steps decided in Python: ``(init, step)``.
 
-  The same arithmetic as ``amp(..., ascent_every=k, between_ascents=...)`` (ascend on steps
-  0, k, 2k, ...; in between the clean gradient, plus with ``"reuse"`` the last ascent's
-  adversarial-minus-clean gradient), but as two jitted steps called alternately from Python,
-  so no :func:`jax.lax.cond` holds the convolutions: XLA:CPU runs them slowly inside one,
-  as inside loops. ``tests/test_study.py`` checks it against the library's ``lax.cond`` form.
+  One optimiser, ``chain(amp(..., reuse_correction=between == "reuse"), base)``, and two jitted
+  steps, ``ascend=True`` on steps 0, k, 2k, ... (``k = ascent_every``) and ``ascend=False`` in
+  between (the clean gradient, plus with ``"reuse"`` the last ascent's adversarial-minus-clean
+  gradient), called alternately from Python: no :func:`jax.lax.cond` holds the convolutions
+  (XLA:CPU runs them slowly inside one, as inside loops). Every cheaper-step row of the study
+  ran this arithmetic (0.1 wrote it out by hand around an always-ascending ``amp``;
+  ``tests/test_study.py`` checks the two agree), and a setting with ``dispatch="cond"`` (0.1's
+  ``amp(ascent_every=k)``, the same arithmetic under a ``lax.cond``) builds it too.
   """
-  base = _base(config, total_steps)
-  amp_tx = _amp(setting, None)
-  reuse = setting.between == "reuse"
-  batch_loss = _losses(model, augment=config.augment)
-
+  tx = make_tx(setting, config, total_steps)
+  every = setting.ascent_every
+  steps = {a: make_train_step(model, tx, config.augment, ascend=a) for a in (False, True)}
   calls = [0]
 
   def init(params):
     calls[0] = 0  # a new run starts with an ascent step.
-    corr = jax.tree.map(jnp.zeros_like, params) if reuse else ()
-    return (amp_tx.init(params), base.init(params), corr)
-
-  def ascent(params, batch_stats, opt_state, images, labels, key):
-    amp_state, base_state, corr = opt_state
-    loss_fn = batch_loss(images, labels, key, batch_stats)
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    adv, amp_state = amp_tx.update(grads, amp_state, params,
-                                   grad_fn=lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p))
-    if reuse:
-      corr = jax.tree.map(jnp.subtract, adv, grads)
-    updates, base_state = base.update(adv, base_state, params)
-    params = optax.apply_updates(params, updates)
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return params, new_stats, (amp_state, base_state, corr), loss, acc
-
-  def clean(params, batch_stats, opt_state, images, labels, key):
-    amp_state, base_state, corr = opt_state
-    loss_fn = batch_loss(images, labels, key, batch_stats)
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if reuse:
-      grads = jax.tree.map(jnp.add, grads, corr)
-    updates, base_state = base.update(grads, base_state, params)
-    params = optax.apply_updates(params, updates)
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return params, new_stats, (amp_state, base_state, corr), loss, acc
-
-  jit_ascent = jax.jit(ascent, donate_argnums=(0, 1, 2))
-  jit_clean = jax.jit(clean, donate_argnums=(0, 1, 2))
+    return tx.init(params)
 
   def step(*args):
-    fn = jit_ascent if calls[0] % setting.ascent_every == 0 else jit_clean
+    fn = steps[calls[0] % every == 0]
     calls[0] += 1
     return fn(*args)
 
@@ -218,7 +216,7 @@ def make_late(model: nn.Module, setting: Setting, config: Config, total_steps: i
   ``update(..., ascend=bool)`` (two jitted steps, no ``lax.cond``): the base optimiser's
   momentum and schedule run on unchanged when AMP switches on.
   """
-  tx = optax.chain(_amp(setting, None), _base(config, total_steps))
+  tx = optax.chain(_amp(setting), _base(config, total_steps))
   start = int(round((1.0 - LATE_FRACTION) * total_steps))
   steps = {a: make_train_step(model, tx, config.augment, ascend=a) for a in (False, True)}
   calls = [0]
@@ -239,9 +237,10 @@ def make_runner(model: nn.Module, setting: Setting, config: Config, total_steps:
   """``(init, step)`` of a setting: one jitted step, or two for the Python-dispatched one.
 
   ``total_steps`` counts descent steps; a drop-in gradient-ascent setting takes
-  :func:`~benchmarks.study.presets.calls_per_step` calls of ``step`` for each.
+  :func:`~benchmarks.study.presets.calls_per_step` calls of ``step`` for each. Every AMP setting
+  with ``ascent_every > 1`` is Python-dispatched, whatever its ``dispatch`` says.
   """
-  if setting.dispatch == "python" and setting.method == "amp" and setting.ascent_every > 1:
+  if setting.method == "amp" and setting.ascent_every > 1:
     return make_python_dispatched(model, setting, config, total_steps)
   if setting.method == "amp" and setting.variant == "late":
     return make_late(model, setting, config, total_steps)
