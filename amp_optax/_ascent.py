@@ -174,8 +174,10 @@ def ascend(
             [clean_grads[i] for i in chosen])
     delta = [_times(clean_grads[i], f) for i, f in zip(chosen, factors)]
     perturbed = perturb(param_leaves, delta, chosen, groups)
-    return grads_at(perturbed, 0), _as_applied(delta_norm, perturbed, param_leaves, chosen,
-                                               groups)
+    grads = grads_at(perturbed, 0)
+    # In the clean gradient's dtypes, as the K > 1 loop (whose carry keeps them) returns.
+    grads = [n.astype(g.dtype) if _common.inexact(g) else n for n, g in zip(grads, clean_grads)]
+    return grads, _as_applied(delta_norm, perturbed, param_leaves, chosen, groups)
 
   step_each = _per_group(lambda d, g: step(ball, inner_lr, d, g), groups, (0, 0))
 

@@ -304,4 +304,14 @@ def unperturbed_params(params: optax.Params, opt_state: Any) -> optax.Params:
   state = _common.find_state(opt_state, DropInAmpState, "unperturbed_params()",
                              "amp_optax.drop_in_amp (a DropInAmpState)")
   at_theta = state.phase == 0  # the parameters are theta (before any perturbation)
-  return jax.tree.map(lambda p, t: jnp.where(at_theta, p, t), params, state.theta)
+  # Leaf by leaf, in the structure of ``params``: the state may hold theta in another container
+  # type (an NNX optimiser keeps its state's variables as OptVariable, the model's as Param).
+  param_leaves, treedef = jax.tree.flatten(params)
+  theta_leaves = jax.tree.leaves(state.theta)
+  if len(theta_leaves) != len(param_leaves):
+    raise ValueError(
+        f"unperturbed_params(): params has {len(param_leaves)} arrays but the drop_in_amp state "
+        f"holds {len(theta_leaves)}: pass the parameters the optimiser was built for (with NNX, "
+        "nnx.state(model, nnx.Param)).")
+  return jax.tree.unflatten(treedef, [jnp.where(at_theta, p, t)
+                                      for p, t in zip(param_leaves, theta_leaves)])

@@ -316,3 +316,27 @@ def test_linen_state_with_a_loss_scale_refuses_an_unscaled_amp_grad_fn():
     jax.jit(step, static_argnums=1)(state, False)
   new_state = jax.jit(step, static_argnums=1)(state, True)
   assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_a_bf16_grad_fn_gives_updates_in_the_clean_gradients_dtype_for_every_k(inner_steps):
+  params = {"w": jnp.ones(3)}
+  tx = amp_optax.amp(0.05, inner_steps=inner_steps)
+  updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params,
+                         grad_fn=lambda p, _: {"w": jnp.ones(3, jnp.bfloat16)})
+  assert updates["w"].dtype == jnp.float32
+
+
+def test_unperturbed_params_takes_an_nnx_state():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, amp_optax.drop_in_amp(optax.sgd(0.1), 0.05), wrt=nnx.Param)
+  before = nnx.state(model, nnx.Param)
+  theta = jax.tree.map(jnp.array, before)
+  grads = nnx.grad(lambda m: jnp.mean(m(BATCH[0]) ** 2))(model)
+  optimizer.update(model, grads)  # an ascent call: the model now holds theta + Delta_1
+  held = nnx.state(model, nnx.Param)
+  assert float(jnp.abs(held["kernel"][...] - theta["kernel"][...]).max()) > 1e-3
+  restored = amp_optax.unperturbed_params(held, optimizer.opt_state)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(theta), strict=True):
+    np.testing.assert_array_equal(got, want)
