@@ -54,7 +54,8 @@ def groups_per_device(groups: int, axis_names: tuple[str, ...] | None) -> tuple[
     return groups, 1
   devices = 1
   for name in axis_names:
-    devices *= int(jax.lax.axis_size(name))
+    size = getattr(jax.lax, "axis_size", None)  # public since jax 0.6; psum(1) before it
+    devices *= int(size(name) if size is not None else jax.lax.psum(1, name))
   if groups % devices:
     raise ValueError(
         f"grouped_amp(num_groups={groups}): num_groups counts the groups over all devices, and "
