@@ -133,6 +133,7 @@ def test_amp_inside_multisteps_raises_with_both_fixes():
   assert "covers_accumulated_batch" in message
 
 
+@pytest.mark.slow
 def test_marked_grad_fn_inside_multisteps_is_full_batch_amp(x64):  # noqa: F811
   """The escape hatch: a grad_fn over every micro-batch seen so far gives full-batch AMP."""
   params, x, y = make_problem()

@@ -95,6 +95,7 @@ def test_delta_stays_in_global_ball(k_steps, eps):
   assert float(amp_optax.global_l2_norm(delta)) <= eps * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_small_ball_is_reached_and_direction_kept():
   grads = jax.grad(mlp_loss)(mlp_params(), make_batch())
   params = zero_params()
@@ -203,6 +204,7 @@ def test_non_float_leaves_left_alone():
   assert out["step"].dtype == jnp.int32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_params(dtype):
   grads = jax.grad(mlp_loss)(mlp_params(dtype=dtype), make_batch(dtype=dtype))
@@ -269,6 +271,7 @@ def test_zero_steps_needs_no_grad_fn():
   assert_trees_equal(out, grads)
 
 
+@pytest.mark.slow
 def test_zero_epsilon_is_base_optimizer_up_to_rounding():
   params, erm_params = erm_and_amp_updates(amp_optax.amp(0.0, inner_steps=2), base_optimizer())
   assert_trees_close(params, erm_params, rtol=1e-5, atol=1e-6)
@@ -499,6 +502,7 @@ def test_updates_with_wrong_tree_says_so():
     tx.update(params["dense"], tx.init(params), params, grad_fn=delta_probe(params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [True, 2])
 def test_unrolled_inner_loop_gives_the_same_update(unroll):
   params, batch = mlp_params(), make_batch()
@@ -522,6 +526,7 @@ def test_bad_unroll_fails_at_construction(unroll):
 # ------------------------------------------------ compositions and call mistakes (issue 8)
 
 
+@pytest.mark.slow
 def test_fp16_huge_inner_step_is_projected_not_nan():
   """inner_lr * g overflows float16 before the projection; the ascent runs in float32."""
   params16 = jax.tree.map(lambda p: p.astype(jnp.float16), mlp_params())
@@ -671,6 +676,7 @@ def test_negative_epsilon_past_the_probed_steps_gives_nan_updates():
   assert all(np.isnan(x).all() for x in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow
 def test_negative_injected_epsilon_gives_nan_updates():
   """Where optax.apply_if_finite must sit to skip such a step: tests/test_optax_conformance.py."""
   params, batch = mlp_params(), make_batch()

@@ -110,6 +110,7 @@ def _check_reproduce_json(out, labels, seeds):
       assert 1 <= run["best_epoch"] <= len(run["history"])
 
 
+@pytest.mark.research
 def test_reproduce_smoke(tmp_path):
   out_path = tmp_path / "reproduce.json"
   stdout = _run_module("benchmarks.reproduce", "--smoke", "--out", str(out_path))
@@ -121,6 +122,7 @@ def test_reproduce_smoke(tmp_path):
   assert "best epoch" in md and "AMP eps=0.5" in md
 
 
+@pytest.mark.research
 @pytest.mark.skipif(not os.path.exists(BUILD_PY), reason="../shared/data is not available")
 def test_reproduce_builds_real_cifar(tmp_path):
   out_path = tmp_path / "real.json"
@@ -186,6 +188,7 @@ def test_torch_amp_step_matches_amp_optax(inner_steps):
       np.testing.assert_allclose(g, np.asarray(e), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.research
 def test_reproduce_resumes_across_calls_with_a_work_dir(tmp_path):
   """--stop-after leaves runs pending; a second call with the same --work-dir finishes them."""
   work, out1, out2 = tmp_path / "work", tmp_path / "a.json", tmp_path / "b.json"
@@ -203,6 +206,7 @@ def test_reproduce_resumes_across_calls_with_a_work_dir(tmp_path):
   assert np.isfinite(run["final_test_acc"])
 
 
+@pytest.mark.slow
 def test_one_group_per_device_costs_per_device_what_ungrouped_amp_does():
   # Grouped ascent with the group axis sharded (issue 17): each device holds one group, so its
   # compiled step's temporary memory matches ungrouped AMP's on the same mesh (the per-group

@@ -245,6 +245,7 @@ def test_malformed_files(tmp_path, what):
   assert "test_batch" in str(e.value)
 
 
+@pytest.mark.slow
 def test_real_subset_from_shared_build(tmp_path):
   """Builds 500/100 real CIFAR-10 images with ../shared/.../build.py and loads them."""
   if not os.path.exists(BUILD_PY):

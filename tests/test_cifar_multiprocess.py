@@ -33,6 +33,8 @@ from examples.cifar import launch_local
 from examples.cifar import main as cifar_main
 from examples.cifar import train
 
+pytestmark = pytest.mark.multiprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2

@@ -23,6 +23,8 @@ from examples.cifar import main as cifar_main
 from examples.cifar import models
 from examples.cifar import train
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_PY = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar-10-jpeg", "build.py")
 TIME_KEYS = ("epoch_time", "eval_time", "compile_time")

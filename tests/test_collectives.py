@@ -30,6 +30,7 @@ def test_parse_collectives_counts_ops_tensors_and_bytes():
   }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < collectives.N_DEVICES,
                     reason="needs 4 (fake) devices: see tests/conftest.py")
 def test_smoke_amp_adds_one_gradient_all_reduce_per_inner_step():
@@ -55,6 +56,7 @@ def test_smoke_amp_adds_one_gradient_all_reduce_per_inner_step():
     assert amp["all-reduce"]["bytes"] - erm["all-reduce"]["bytes"] == collectives.param_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < collectives.N_DEVICES,
                     reason="needs 4 (fake) devices: see tests/conftest.py")
 def test_grouped_ascent_with_a_group_per_device_costs_erms_all_reduce():

@@ -163,6 +163,7 @@ CACHE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache_hit_in_a_second_process(tmp_path):
   cache = tmp_path / "cache"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -208,6 +209,7 @@ def extra_temp_memory(tx, base_temp=None):
   return stats.temp_size_in_bytes / param_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
 def test_amp_k1_extra_memory_is_no_more_than_sams(norm):
   """Pins AMP K=1's temporary memory over ERM to SAM's + 0.05 parameter copies (was +0.25/+1.0)."""

@@ -70,6 +70,7 @@ def assert_tree_close(actual, expected, rtol=2e-5, atol=1e-7):
 names_strategy = st.lists(st.sampled_from(sorted(TRANSFORMS)), min_size=0, max_size=3)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(names=names_strategy, data=st.data(), wrapper=st.sampled_from(WRAPPERS))
 def test_amp_at_any_position(names, data, wrapper):
@@ -96,6 +97,7 @@ def test_amp_at_any_position(names, data, wrapper):
   assert_tree_close(updates, expected)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(base_names=st.lists(st.sampled_from(sorted(TRANSFORMS)), min_size=1, max_size=2),
        after_names=names_strategy, wrapper=st.sampled_from(("none", "apply_if_finite")))

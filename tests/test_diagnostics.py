@@ -124,6 +124,7 @@ def test_top_eigenvalue_float64():
     np.testing.assert_allclose(float(lam), 2.0, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_hessian_vector_product_matches_dense_hessian():
   def loss_fn(p, x):
     return jax.nn.logsumexp(x @ p["w"] + p["c"]) + jnp.sum(p["w"] ** 4)

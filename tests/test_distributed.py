@@ -76,6 +76,7 @@ def single_device_steps(norm, steps=3):
   return params, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
 def test_pmap_with_batch_axis_name_matches_one_device(norm):
   x, y = batch()
@@ -104,6 +105,7 @@ def test_pmap_with_batch_axis_name_matches_one_device(norm):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pmap_without_batch_axis_name_raises_and_empty_tuple_opts_out():
   """Without the mean each device would have its own Delta: an error, unless chosen with ()."""
   x, y = batch()
@@ -154,6 +156,7 @@ def test_shard_map_with_batch_axis_name_matches_one_device(norm):
   assert_trees_close(params, want, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
 def test_jit_with_sharded_batch_and_params_matches_one_device(norm, axis_type):

@@ -45,6 +45,8 @@ DOCS = os.path.join(REPO, "docs")
 sys.path.insert(0, os.path.join(DOCS, "_ext"))
 import amp_docs  # noqa: E402  (docs/_ext/amp_docs.py: the results renderers)
 
+pytestmark = pytest.mark.docs
+
 DOCS_PACKAGES = ("sphinx", "myst_nb", "sphinx_book_theme", "sphinx_copybutton", "sphinx_design")
 MISSING = [p for p in DOCS_PACKAGES if importlib.util.find_spec(p) is None]
 needs_sphinx = pytest.mark.skipif(

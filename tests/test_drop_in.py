@@ -65,6 +65,7 @@ FLOAT64_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fed_one_batch_k_plus_1_times_equals_amp_in_float64():
   out = subprocess.run([sys.executable, "-c", FLOAT64_SCRIPT], capture_output=True, text=True,
                        timeout=600, check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
@@ -212,6 +213,7 @@ def test_errors_say_what_to_change():
     amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, 0.7)
 
 
+@pytest.mark.slow
 def test_grad_fn_is_passed_to_the_base_and_ignored():
   """A SAM-notebook step that always passes grad_fn switches by its optimiser line only."""
   params, batches = make_problem()

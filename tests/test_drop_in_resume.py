@@ -10,6 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ocp = pytest.importorskip("orbax.checkpoint")
 
 CALLS = 9  # three AMP steps of K = 2: phases 0, 1, 2, 0, ...

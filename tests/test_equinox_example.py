@@ -9,6 +9,8 @@ import pytest
 from examples.equinox import mnist_cnn
 from examples.equinox import stateful_cnn
 
+pytestmark = pytest.mark.slow
+
 # A few steps, evaluated on the first and the last: the set-up, both steps and the evaluation.
 TINY = ["--steps", "3", "--print-every", "2"]
 

@@ -19,6 +19,8 @@ import amp_optax
 from amp_optax import _grouped
 from amp_optax import equinox as amp_eqx
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True, params=["loop", "vmap"])
 def group_passes(request, monkeypatch):

@@ -71,11 +71,13 @@ def _max_abs_diff(a, b):
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@pytest.mark.slow
 def test_import_amp_optax_does_not_import_flax():
   code = "import amp_optax, sys; assert 'flax' not in sys.modules, 'flax imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_amp_step_trains_a_batchnorm_dropout_model():
   state, loss_fn, batch = _setup(dropout=0.1, base=optax.sgd(0.2, momentum=0.9))
   step = jax.jit(functools.partial(flax_linen.amp_step, loss_fn=loss_fn))
@@ -89,6 +91,7 @@ def test_amp_step_trains_a_batchnorm_dropout_model():
   assert float(jnp.abs(state.batch_stats["BatchNorm_0"]["mean"]).max()) > 0.1
 
 
+@pytest.mark.slow
 def test_clean_policy_keeps_the_clean_pass_statistics():
   state, loss_fn, batch = _setup(inner_steps=2)
   new_state, loss = jax.jit(flax_linen.amp_step, static_argnames="loss_fn")(
@@ -112,6 +115,7 @@ def _manual_amp(loss_fn, params, batch_stats, batch, inner_steps):
   return new_params, stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_authors_policy_equals_sequential_updates(inner_steps):
   state, loss_fn, batch = _setup(inner_steps=inner_steps)
@@ -127,6 +131,7 @@ def test_authors_policy_equals_sequential_updates(inner_steps):
   assert _max_abs_diff(new_state.batch_stats, clean_stats) > 1e-4
 
 
+@pytest.mark.slow
 def test_stats_policies_give_the_same_parameters():
   state, loss_fn, batch = _setup(inner_steps=2)
   step = functools.partial(flax_linen.amp_step, loss_fn=loss_fn, batch=batch)
@@ -137,6 +142,7 @@ def test_stats_policies_give_the_same_parameters():
   _allclose(clean.params, authors.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_fn_is_forwarded_and_epsilon_zero_is_erm():
   state, loss_fn, batch = _setup()
   (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -155,6 +161,7 @@ def test_grad_fn_is_forwarded_and_epsilon_zero_is_erm():
   _allclose(zero_state.params, erm_state.params, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_without_grad_fn_amp_raises_and_flax_train_state_cannot_forward():
   state, loss_fn, batch = _setup()
   grads = jax.grad(loss_fn, has_aux=True)(state.params, state.batch_stats, batch, None)[0]
@@ -204,6 +211,7 @@ def test_tx_without_extra_args_is_rejected():
     state.apply_gradients(grads=grads, grad_fn=lambda p, _: grads)
 
 
+@pytest.mark.slow
 def test_rng_policies():
   state, loss_fn, batch = _setup(dropout=0.5)
   rng = jax.random.key(3)

@@ -23,6 +23,8 @@ import pytest
 import amp_optax
 from amp_optax import flax_linen
 
+pytestmark = pytest.mark.slow
+
 LR = 0.05
 
 

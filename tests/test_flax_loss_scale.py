@@ -23,6 +23,8 @@ from amp_optax import _policies
 from amp_optax import flax_linen
 from amp_optax import flax_nnx
 
+pytestmark = pytest.mark.slow
+
 DynamicScale = dynamic_scale_lib.DynamicScale
 # Scales at which the float16 backward pass of these models overflows: the first steps are
 # skipped and the scale backs off until it fits (2**16 for the NNX MLP).

@@ -13,6 +13,8 @@ import amp_optax
 from examples.flax_mnist_style import train_linen
 from examples.flax_mnist_style import train_nnx
 
+pytestmark = pytest.mark.slow
+
 TINY = ["--train-size", "512", "--epochs", "2", "--batch-size", "16"]
 
 

@@ -74,6 +74,7 @@ def _amp_step(model, optimizer, x, y, stats_policy="clean", rng_policy="same"):
                            rng_policy=rng_policy)
 
 
+@pytest.mark.slow
 def test_optimizer_update_pattern_trains_batchnorm_dropout_model():
   model, optimizer = _setup(dropout=0.1, inner_steps=2, base=optax.sgd(0.2, momentum=0.9))
 
@@ -121,6 +122,7 @@ def test_amp_step_equals_hand_written_reference():
   _allclose(nnx.state(optimizer), nnx.state(ref_optimizer), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_clean_policy_keeps_the_clean_pass_statistics():
   x, y = _data()
   model, optimizer = _setup(dropout=0.3, inner_steps=2)
@@ -131,6 +133,7 @@ def test_clean_policy_keeps_the_clean_pass_statistics():
   _allclose(_pure(model, nnx.RngState), _pure(clean, nnx.RngState), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_grad_fn_is_forwarded_and_epsilon_zero_is_erm():
   x, y = _data()
   erm_model, erm_optimizer = _setup(dropout=0.3, amp=False)
@@ -173,6 +176,7 @@ def _manual_authors(start, x, y, inner_steps):
   return new_params, stats, clean_stats, _pure(clean, nnx.RngState)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_authors_policy_equals_sequential_updates(inner_steps):
   x, y = _data()
@@ -187,6 +191,7 @@ def test_authors_policy_equals_sequential_updates(inner_steps):
   _allclose(_pure(model, nnx.RngState), clean_rngs, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_grad_fn_is_pure_and_rng_policies():
   x, y = _data()
   model, _ = _setup(dropout=0.5)
@@ -210,6 +215,7 @@ def test_grad_fn_is_pure_and_rng_policies():
     flax_nnx.amp_step(model, optimizer, loss_fn, x, y, stats_policy="perturbed")
 
 
+@pytest.mark.slow
 def test_fold_in_policy_trains():
   x, y = _data()
   model, optimizer = _setup(dropout=0.2, inner_steps=2)

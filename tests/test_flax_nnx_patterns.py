@@ -17,6 +17,8 @@ import pytest
 import amp_optax
 from amp_optax import flax_nnx
 
+pytestmark = pytest.mark.slow
+
 LR = 0.05
 
 

@@ -45,6 +45,8 @@ import amp_optax
 from amp_optax import flax_linen
 from amp_optax import flax_nnx
 
+pytestmark = pytest.mark.slow
+
 # ImageNet-style (Linen, pmap) -------------------------------------------------------------------
 
 NUM_DEVICES = 4

@@ -115,6 +115,7 @@ def test_groups_match_a_numpy_reference(k, norm):
   assert max(np.max(np.abs(want[n] - ungrouped[n])) for n in params) > 1e-3  # G matters
 
 
+@pytest.mark.slow
 def test_epsilon_zero_is_the_whole_batch_gradient():
   params, batch = make_problem()
   tx = amp_optax.grouped_amp(0.0, num_groups=4)
@@ -245,6 +246,7 @@ def training_run(mesh_devices, steps=3, k=2):
 ATOL = 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_fixed_groups_give_the_same_parameters_on_1_2_4_8_devices():
   one, _, _ = training_run(1)
@@ -278,6 +280,7 @@ def test_one_group_per_device_ascends_without_collectives():
   assert amp_count == erm_count, (amp_count, erm_count)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("devices", [2, 4, 8])
 def test_shard_map_and_pmap_with_global_num_groups_match_jit(devices):
@@ -332,6 +335,7 @@ def test_without_batch_axis_name_local_groups_under_shard_map_raise():
     jax.jit(body)(params, jax.device_put(grouped, NamedSharding(mesh, P("data"))))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
 def test_shard_map_with_check_vma_through_the_helper_matches_jit():
   """check_vma=True (JAX's default): the helper takes per-group gradients w.r.t. device-varying

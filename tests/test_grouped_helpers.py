@@ -20,6 +20,8 @@ from amp_optax import _grouped
 from amp_optax import flax_linen
 from amp_optax import flax_nnx
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True, params=["loop", "vmap"])
 def group_passes(request, monkeypatch):

@@ -30,6 +30,8 @@ import multiprocess_worker as worker
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
 LOCAL_DEVICES = 2

@@ -149,6 +149,7 @@ def _drop_in_run(tx, calls, resume_at=None):
   return amp_optax.unperturbed_params(params, state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_tx, resume_at, extra_calls", [
     (lambda: amp_optax.drop_in_amp(optax.sgd(0.1, momentum=0.9), 0.05), 3, 1),  # phase 1
     (lambda: amp_optax.drop_in_amp(optax.adam(1e-2), 0.05, inner_steps=2), 4, 1),  # phase 1
@@ -173,6 +174,7 @@ def test_resume_from_unperturbed_params_restarts_the_step_exactly(make_tx, resum
 # Case 4: drop_in_amp(apply_if_finite(base)) ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_apply_if_finite_inside_drop_in_amp_survives_a_nan_gradient(inner_steps):
   tx = amp_optax.drop_in_amp(optax.apply_if_finite(optax.sgd(0.1), 3), 0.05,

@@ -255,6 +255,7 @@ def test_inject_hyperparams_wrapping_the_whole_chain(k, norm, base):
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64, jnp.complex64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("k,norm,base", CONFIGS)
 def test_dtype_and_state_stable_across_steps(dtype, k, norm, base):
@@ -328,6 +329,7 @@ def test_low_precision_ascent_matches_float64_reference(dtype, norm):
   assert np.isfinite(float(state.delta_norm))
 
 
+@pytest.mark.slow
 def test_state_and_updates_keep_their_sharding():
   """Params sharded over 8 (fake) devices: updates and state keep their shardings.
 

@@ -324,6 +324,7 @@ def test_adam_adversary_is_a_sign_step_of_rho_per_coordinate():
   assert abs(float(along_gradient[1])) < 1e-3
 
 
+@pytest.mark.slow
 def test_adam_adversary_mapping_on_the_notebook_loss():
   """The notebook's SAM Adam: adam(1e-3) outer, normalize()+adam(0.03), sync_period=5."""
   rho, outer = 0.03, lambda: optax.adam(1e-3)

@@ -32,6 +32,8 @@ from benchmarks.study import presets
 from benchmarks.study import runner
 from benchmarks.study import stats
 
+pytestmark = pytest.mark.research
+
 
 def _batch(n, seed):
   rng = np.random.default_rng(seed)

@@ -19,6 +19,8 @@ from benchmarks.study.data import MEAN
 from benchmarks.study.data import STD
 from examples.cifar import data as cifar_data
 
+pytestmark = pytest.mark.research
+
 N, STEPS = 16, 3
 
 
