@@ -15,6 +15,7 @@ that the step's gradient is the one AMP needs. Two ascents:
 
 from typing import Any
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,8 @@ def drop_in_amp(
     return _common.chosen_leaves(where, mask, params)
 
   def init_fn(params):
+    if ascent == "gradient" and num_steps:
+      warn_step_accounting(num_steps)
     leaves = jax.tree.leaves(params)
     chosen = chosen_of(params)
     delta = tuple(_ascent.zeros([leaves[i] for i in chosen])) if (
@@ -269,6 +272,22 @@ def drop_in_amp(
     return _nan_if_negative(new_updates, eps, lr), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def warn_step_accounting(num_steps: int) -> None:
+  """Says, at init, that an AMP step takes ``K + 1`` calls: an unchanged loop trains less.
+
+  Nothing in a loop's calls tells a switched-to ``drop_in_amp`` from a planned one, and a loop
+  kept as it was makes ``N / (K + 1)`` descent steps from ``N`` calls.
+  """
+  calls = num_steps + 1
+  warnings.warn(
+      f"drop_in_amp(): one AMP step takes inner_steps + 1 = {calls} calls of update, each with "
+      f"a gradient; the base optimiser, its step count and schedules advance once every {calls} "
+      f"calls, so a loop of N calls makes N // {calls} steps. To train as long as the same "
+      f"loop with the base optimiser, give it {calls}x the calls (or pass a grad_fn to "
+      "amp_optax.amp, one call per step). Silence this with warnings.filterwarnings('ignore', "
+      "'.*one AMP step takes').", stacklevel=3)
 
 
 def _applied_norm(target_leaves: list[Any], theta_leaves: list[Any],

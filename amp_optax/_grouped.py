@@ -85,6 +85,113 @@ def check_varying(what: str, leaves: list[Any], axis_names: tuple[str, ...] | No
           "grouped_value_and_grad helpers do), or use shard_map(..., check_vma=False).")
 
 
+class HelperGradFn:
+  """A per-group ``grad_fn`` made by a ``grouped_value_and_grad`` helper.
+
+  It remembers the clean per-group gradients the helper returned beside it, so
+  that :func:`grouped_amp` can check, under ``batch_axis_name``, that
+  ``updates`` are those gradients unchanged (see :func:`check_unchanged`).
+  """
+
+  def __init__(self, fn: GradFn, clean_grads: Any):
+    self.fn = fn
+    self.clean_ids = frozenset(map(id, jax.tree.leaves(clean_grads)))
+    self._keep = jax.tree.leaves(clean_grads)  # keeps the ids above from being reused
+
+  def __call__(self, stacked_params: Any, inner_step: Any) -> Any:
+    return self.fn(stacked_params, inner_step)
+
+
+def check_unchanged(leaves: list[Any], grad_fn: Any, axis_names: tuple[str, ...] | None) -> None:
+  """Under ``batch_axis_name``, ``updates`` must be the helper's per-group gradients as returned.
+
+  The data-parallel habit ``grads = jax.lax.pmean(grads, axis_name)`` before ``tx.update``
+  would make each device's group ``j`` the mean of every device's group ``j``: the step would
+  still run, as a different (coarser) ascent. Nothing in the values or (under ``pmap``) their
+  types tells that apart, so the helper's ``grad_fn`` records which arrays it returned and
+  anything else is refused.
+  """
+  clean_ids = getattr(grad_fn, "clean_ids", None)
+  if not axis_names or clean_ids is None or {id(x) for x in leaves} == clean_ids:
+    return
+  raise ValueError(
+      "grouped_amp(): the per-group gradients passed as `updates` are not the ones "
+      "grouped_value_and_grad returned with this grad_fn (were they averaged over the devices, "
+      f"jax.lax.pmean(grads, {axis_names[0]!r}), as plain data-parallel training does?). Each "
+      "device's groups are its own until the end of the step: grouped_amp averages the update "
+      f"over batch_axis_name={axis_names!r} itself, after the ascent. Pass `grads` to tx.update "
+      "exactly as the helper returned them.")
+
+
+# Collectives through which one device's value depends on the others' (by primitive name).
+_MIXING_COLLECTIVES = frozenset({
+    "psum", "pmax", "pmin", "ppermute", "pshuffle", "all_gather", "all_to_all",
+    "ragged_all_to_all", "reduce_scatter", "psum_scatter", "psum_invariant",
+    "all_gather_invariant"})
+
+
+def _named_axes(value: Any) -> set[str]:
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return {a for a in values if isinstance(a, str)}
+
+
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+  subs = []
+  for value in eqn.params.values():
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+      inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr's Jaxpr, or a Jaxpr
+      if hasattr(inner, "eqns") and hasattr(inner, "outvars"):
+        subs.append(inner)
+  return subs
+
+
+def _collective_axes(jaxpr: Any, used_only: bool) -> set[str]:
+  """Named axes of the mixing collectives ``jaxpr``'s outputs depend on.
+
+  ``used_only`` follows the top level's data dependencies backwards from the outputs (a
+  ``lax.pmean`` of a metric in a loss's aux, which ``grad_fn`` drops, is not counted); inside
+  a nested jaxpr every equation counts.
+  """
+  needed = {v for v in jaxpr.outvars if not hasattr(v, "val")}  # Literals have .val
+  found: set[str] = set()
+  for eqn in reversed(jaxpr.eqns):
+    if used_only and not any(v in needed for v in eqn.outvars):
+      continue
+    needed |= {v for v in eqn.invars if not hasattr(v, "val")}
+    if eqn.primitive.name in _MIXING_COLLECTIVES:
+      found |= _named_axes(eqn.params.get("axes", ())) | _named_axes(
+          eqn.params.get("axis_name", ()))
+    for sub in _sub_jaxprs(eqn):
+      found |= _collective_axes(sub, used_only=False)
+  return found
+
+
+def check_passes_stay_local(grad_fn: GradFn | None, probe: Any, axis_names: tuple[str, ...] | None,
+                            ) -> None:
+  """The per-group passes must not reduce over ``batch_axis_name`` (e.g. BatchNorm synced there).
+
+  A group's loss that averages statistics over the devices (Flax's
+  ``BatchNorm(axis_name=...)``, a ``lax.pmean`` in the loss) depends on every device's
+  examples: a group is no longer ``m`` examples, and the same ``num_groups`` gives different
+  results on different device counts. Traced once, at trace time, from ``grad_fn``'s jaxpr
+  (``probe``: stacked parameters shaped and typed like the perturbed ones).
+  """
+  if not axis_names or grad_fn is None:
+    return
+  reduced = _collective_axes(jax.make_jaxpr(grad_fn)(probe, 0).jaxpr, used_only=True)
+  crossed = sorted(reduced & set(axis_names))
+  if crossed:
+    raise ValueError(
+        f"grouped_amp(): grad_fn's per-group passes reduce over batch_axis_name {crossed[0]!r} "
+        "(a collective such as jax.lax.pmean over it, e.g. from BatchNorm(axis_name="
+        f"{crossed[0]!r}) or a cross-device average in the loss): each group's gradient would "
+        "depend on every device's examples, so a group would not be m examples and the same "
+        "num_groups would give different results on different device counts. Keep the "
+        "per-group passes on their device: build the model of the grouped step with "
+        "BatchNorm(axis_name=None) (each group's own statistics: ghost batch norm) and average "
+        "metrics outside the loss.")
+
+
 def mean_leaves(leaves: list[Any], groups: int) -> list[Any]:
   """The mean over the leading group axis (non-floating leaves: the first group's)."""
   del groups
@@ -274,7 +381,7 @@ def grouped_value_and_grad(
                               *grouped_args)
       return grads[0] if has_aux else grads
 
-    return out, grads, amp_grad_fn
+    return out, grads, HelperGradFn(amp_grad_fn, grads)
 
   return value_grads_and_grad_fn
 
@@ -387,6 +494,9 @@ def grouped_amp(
     local, devices = groups_per_device(groups, axis_names)
     check_stacked("the gradient passed as `updates`", first, params, local, devices)
     check_varying("the gradient passed as `updates`", first, axis_names)
+    check_unchanged(treedef.flatten_up_to(updates), grad_fn, axis_names)
+    check_passes_stay_local(grad_fn, jax.tree.unflatten(treedef, [
+        g.astype(p.dtype) for g, p in zip(first, param_leaves)]), axis_names)
     chosen = _common.chosen_leaves(WHERE, mask, params)
     # A scalar: no gradient crosses devices for a diagnostic.
     clean_grad_norm = mean_group_norm(first, _amp.inexact_norm)

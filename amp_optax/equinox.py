@@ -464,7 +464,7 @@ def grouped_value_and_grad(
       grads = _grouped.map_over_groups(grad, (0, *axes), stacked_params, *args_for_a_pass())
       return grads[0] if has_aux else grads
 
-    return out, grads, amp_grad_fn
+    return out, grads, _grouped.HelperGradFn(amp_grad_fn, grads)
 
   return value_grads_and_grad_fn
 

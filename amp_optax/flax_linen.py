@@ -981,6 +981,6 @@ def grouped_value_and_grad(
     amp_grad_fn = _grouped_grad_fn(loss_fn, batch_stats, grouped_batch, rng, has_aux=has_aux,
                                    rng_policy=rng_policy, where=where)
     out = (losses, (aux, new_stats)) if has_aux else (losses, new_stats)
-    return out, grads, amp_grad_fn
+    return out, grads, _grouped.HelperGradFn(amp_grad_fn, grads)
 
   return value_grads_and_grad_fn

@@ -631,6 +631,6 @@ def grouped_value_and_grad(
 
     grad_vars = jax.tree.map(lambda var, g: var.replace(g), param_vars, grads,
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return out, grad_vars, amp_grad_fn
+    return out, grad_vars, _grouped.HelperGradFn(amp_grad_fn, grad_vars)
 
   return value_grads_and_grad_fn

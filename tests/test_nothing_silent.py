@@ -342,3 +342,31 @@ def test_unperturbed_params_takes_an_nnx_state():
   restored = amp_optax.unperturbed_params(held, optimizer.opt_state)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(theta), strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+# Case 10: drop_in_amp in an unchanged loop ------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_drop_in_amp_says_at_init_that_a_step_takes_k_plus_1_calls(inner_steps):
+  params = fresh_params()
+  tx = amp_optax.drop_in_amp(optax.sgd(optax.constant_schedule(0.1)), 0.05,
+                             inner_steps=inner_steps)
+  calls = inner_steps + 1
+  with pytest.warns(UserWarning, match=rf"one AMP step takes inner_steps \+ 1 = {calls} calls"
+                                       rf".*a loop of N calls makes N // {calls} steps"):
+    state = tx.init(params)
+  # What the warning says, measured: 3 * calls calls of an unchanged loop are 3 descent steps.
+  for _ in range(3 * calls):
+    updates, state = tx.update(GRAD(params, BATCH), state, params)
+    params = optax.apply_updates(params, updates)
+  assert int(state.count) == 3 and int(state.phase) == 0
+  schedule_state = state.inner_state[1]  # sgd's scale_by_schedule: the schedule's step count
+  assert int(schedule_state.count) == 3
+
+
+def test_drop_in_amp_momentum_ascent_takes_one_call_per_step_and_does_not_warn():
+  tx = amp_optax.drop_in_amp(optax.sgd(0.1), 0.05, ascent="momentum")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.init(fresh_params())
