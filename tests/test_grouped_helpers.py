@@ -421,3 +421,67 @@ def test_equinox_grouped_value_and_grad_matches_the_pure_helper():
   _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, axis_name="batch", mode="batch")
   with pytest.raises(TypeError, match="stateless models only"):
     amp_eqx.grouped_value_and_grad(lambda m, s, x: 0.0)(model, state, x)
+
+
+def _recording(inner):
+  """``inner``, recording whether ``updates`` are the arrays the helper returned with grad_fn."""
+  seen = {}
+
+  def update(updates, state, params=None, **extra_args):
+    seen["same"] = ({id(x) for x in jax.tree.leaves(updates)}
+                    == extra_args["grad_fn"].clean_ids)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update), seen
+
+
+def test_nnx_optimizer_hands_grouped_amp_the_helper_s_own_gradients():
+  # What grouped_amp's check under batch_axis_name relies on (no false error through
+  # nnx.Optimizer): the arrays reaching tx.update are the ones the helper returned.
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(2, 8, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.fc2 = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+  model = Net(nnx.Rngs(0))
+  tx, seen = _recording(optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1)))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  def loss_fn(model, batch):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    _, grads, amp_grad_fn = flax_nnx.grouped_value_and_grad(loss_fn)(
+        model, amp_optax.group_batch(batch, 4))
+    optimizer.update(model, grads, grad_fn=amp_grad_fn)
+
+  train_step(model, optimizer, {"x": jnp.ones((8, 2)), "y": jnp.zeros((8, 1))})
+  assert seen == {"same": True}
+
+
+def test_equinox_and_plain_helpers_hand_grouped_amp_their_own_gradients():
+  eqx = pytest.importorskip("equinox")
+  from amp_optax import equinox as amp_eqx
+  x, y = jnp.ones((8, 2)), jnp.zeros((8, 1))
+  model = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.key(0))
+  tx, seen = _recording(optax.chain(amp_optax.grouped_amp(0.05, num_groups=4), optax.sgd(0.1)))
+  params = eqx.filter(model, eqx.is_array)
+
+  def loss(model, x, y):
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+  _, grads, amp_grad_fn = amp_eqx.grouped_value_and_grad(loss)(
+      model, *amp_optax.group_batch((x, y), 4))
+  tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
+  assert seen == {"same": True}
+  _, grads, amp_grad_fn = amp_optax.grouped_value_and_grad(
+      lambda p, b: loss(eqx.combine(p, eqx.filter(model, eqx.is_array, inverse=True)), *b))(
+          params, amp_optax.group_batch((x, y), 4))
+  tx.update(jax.tree.map(lambda g: g * 1.0, grads), tx.init(params), params,
+            grad_fn=amp_grad_fn)
+  assert seen == {"same": False}  # a changed gradient is seen as changed
