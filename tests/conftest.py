@@ -23,3 +23,17 @@ def x64():
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(params=["loop", "vmap"])
+def group_passes(request, monkeypatch):
+  """Runs the test with the per-group passes both ways: the unrolled loop (CPU's default) and
+  one jax.vmap (GPU/TPU's), which must compute the same thing. Modules whose every test does
+  so say ``pytestmark = pytest.mark.usefixtures("group_passes")``."""
+  import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS above)
+
+  from amp_optax import _grouped  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(_grouped, "_unrolled_loop", lambda: request.param == "loop")
+  jax.clear_caches()  # a step traced in the other mode must not be reused
+  return request.param

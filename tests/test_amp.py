@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tree_asserts import assert_tree_finite
+from tree_asserts import assert_trees_close
+from tree_asserts import assert_trees_equal
 
 import amp_optax
 
@@ -45,25 +48,6 @@ def delta_probe(params):
   Exact when params are zero; elsewhere p - params has rounding error.
   """
   return lambda p, _: jax.tree.map(lambda a, b: a - b, p, params)
-
-
-def assert_trees_close(got, want, rtol=1e-6, atol=0.0):
-  """The same tree structure, and every leaf close (by default with chex's tolerances)."""
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               rtol=rtol, atol=atol)
-
-
-def assert_trees_equal(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def assert_tree_finite(tree):
-  for x in jax.tree.leaves(tree):
-    assert np.all(np.isfinite(np.asarray(x, np.float64))), x
 
 
 def leaf_norms(tree):

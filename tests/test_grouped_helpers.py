@@ -16,20 +16,10 @@ import optax
 import pytest
 
 import amp_optax
-from amp_optax import _grouped
 from amp_optax import flax_linen
 from amp_optax import flax_nnx
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, params=["loop", "vmap"])
-def group_passes(request, monkeypatch):
-  """Every test here runs the per-group passes both ways: the unrolled loop (CPU's default)
-  and one jax.vmap (GPU/TPU's), which must compute the same thing."""
-  monkeypatch.setattr(_grouped, "_unrolled_loop", lambda: request.param == "loop")
-  jax.clear_caches()  # a step traced in the other mode must not be reused
-
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("group_passes")]
 
 N, G = 16, 4
 

@@ -30,6 +30,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
+from tree_asserts import assert_tree_finite
+from tree_asserts import assert_trees_close
+from tree_asserts import assert_trees_equal
 
 import amp_optax
 
@@ -55,31 +58,6 @@ def make_base(name, learning_rate):
 def make_tx(k, norm, base, *, eps=0.1, inner_lr=0.5, lr=0.1):
   return optax.chain(amp_optax.amp(eps, inner_lr=inner_lr, inner_steps=k, norm=norm),
                      make_base(base, lr))
-
-
-def _wide(x):
-  """A leaf as float64 (complex128) NumPy, so that bf16 and complex leaves compare alike."""
-  x = np.asarray(x)
-  if np.iscomplexobj(x):
-    return x.astype(np.complex128)
-  return x.astype(np.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-
-def assert_trees_close(got, want, rtol=1e-6, atol=0.0):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(_wide(a), _wide(b), rtol=rtol, atol=atol)
-
-
-def assert_trees_equal(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def assert_tree_finite(tree):
-  for x in jax.tree.leaves(tree):
-    assert np.all(np.isfinite(_wide(x))), x
 
 
 # A small tree with a matrix, a vector and a scalar leaf, and a loss coupling
