@@ -1,0 +1,77 @@
+"""``benchmarks.evidence`` end to end on synthetic data (seconds): the pairing of rows, grouped
+AMP at G = 1 against the ungrouped row, the validation choice, and resuming."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks.evidence import cli
+from benchmarks.evidence import data
+from benchmarks.evidence import presets
+from benchmarks.evidence import train
+
+pytestmark = pytest.mark.research
+
+P = presets.PRESETS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+  return train.Trainer(P, data.load(P, str(tmp_path_factory.mktemp("work"))))
+
+
+def test_rows_of_a_seed_share_initialisation_and_batches(trainer):
+  # AMP at epsilon 0 takes ERM's step exactly: equal results only if init and order are shared.
+  erm = trainer.run(presets.Row("erm"), 3)
+  amp0 = trainer.run(presets.Row("amp", 0.0), 3)
+  np.testing.assert_allclose(amp0["last_batch_loss_per_epoch"], erm["last_batch_loss_per_epoch"],
+                             rtol=1e-6)
+  assert amp0["test_loss"] == pytest.approx(erm["test_loss"], rel=1e-6)
+  np.testing.assert_array_equal(train.batch_order(P, 3), train.batch_order(P, 3))
+  assert not np.array_equal(train.batch_order(P, 3), train.batch_order(P, 4))
+
+
+def test_grouped_at_one_group_is_the_amp_row(trainer):
+  row = presets.Row("amp", 0.2)
+  plain = trainer.run(row, 0)
+  grouped = trainer.run(row, 0, grouped=True)
+  np.testing.assert_allclose(grouped["last_batch_loss_per_epoch"],
+                             plain["last_batch_loss_per_epoch"], rtol=1e-5)
+  assert grouped["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+  # ... and the perturbation matters: G = 4 and a large radius train differently.
+  g4 = trainer.run(presets.Row("amp", 0.2, 4), 0)
+  assert g4["test_loss"] != pytest.approx(plain["test_loss"], rel=1e-5)
+  assert trainer.run(presets.Row("amp", 0.2), 0)["test_loss"] != pytest.approx(
+      trainer.run(presets.Row("erm"), 0)["test_loss"], rel=1e-5)
+
+
+def test_end_to_end_resumable(tmp_path):
+  argv = ["--preset", "smoke", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)]
+  first = cli.main(argv)
+  n_sweep = len(presets.sweep_rows(P)) * len(P.sweep_seeds)
+  n_final = len(presets.final_rows(
+      P, {k: v["row"] for k, v in presets.choose(P, first["runs"]).items()})) * len(P.final_seeds)
+  assert first["new_runs"] == len(first["runs"]) == n_sweep + n_final
+  with open(tmp_path / "evidence_smoke.json") as f:
+    saved = json.load(f)
+  assert saved["machines"][0]["cpu_count"] == os.cpu_count()
+  for run in saved["runs"].values():
+    assert run["test_images"] == P.test_size and run["wall_s"] > 0
+  for fam, c in saved["choice"].items():  # the choice is the best validation mean of its grid
+    assert c["val"][c["label"]] == max(c["val"].values()), fam
+  md = (tmp_path / "evidence_smoke.md").read_text()
+  assert "Final (paired seeds)" in md and "− AMP(m=B)" in md
+  second = cli.main(argv)
+  assert second["new_runs"] == 0 and second["runs"] == first["runs"]
+  # One more final seed runs the final rows once more, and nothing of the sweep again.
+  third = cli.main([*argv, "--final-seeds", str(len(P.final_seeds) + 1)])
+  assert third["new_runs"] == n_final // len(P.final_seeds)
+  assert third["choice"] == second["choice"]
+  # Extra rows (one epsilon at every m) run on the final seeds and get their own table.
+  fourth = cli.main([*argv, "--final-seeds", str(len(P.final_seeds) + 1),
+                     "--extra-rows", "amp:0.05:1,amp:0.05:4"])
+  assert fourth["new_runs"] == 2 * (len(P.final_seeds) + 1)
+  md = (tmp_path / "evidence_smoke.md").read_text()
+  assert "| AMP eps=0.05 G=4 | 4 |" in md
