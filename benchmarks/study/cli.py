@@ -17,13 +17,18 @@ import optax
 from benchmarks.study.data import REPO
 from benchmarks.study.data import load_data
 from benchmarks.study.models import MODEL_NAMES
+from benchmarks.study.presets import CHEAP2_VARIANTS
 from benchmarks.study.presets import EPOCHS
 from benchmarks.study.presets import FALLBACK_CHOICE
 from benchmarks.study.presets import PAPER
 from benchmarks.study.presets import PRESETS
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
+from benchmarks.study.presets import cheap2_final_settings
+from benchmarks.study.presets import cheap2_key
+from benchmarks.study.presets import cheap2_sweep_settings
 from benchmarks.study.presets import cheap_settings
+from benchmarks.study.presets import choose_cheap2
 from benchmarks.study.presets import choose_from_sweep
 from benchmarks.study.presets import choose_grouped
 from benchmarks.study.presets import final_settings
@@ -144,6 +149,10 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
   cheap = args.preset == "study-cheap" or (smoke and args.table == "cheap")
   grouped_sweep = args.preset == "study-grouped-sweep" or (smoke and args.table == "grouped-sweep")
   grouped = args.preset == "study-grouped" or (smoke and args.table == "grouped")
+  # A radius per cheap variant (issue 25): the sweep runs each variant over its own grid, the
+  # table each variant at the epsilon with the best validation accuracy there.
+  cheap2_sweep = args.preset == "study-cheap2-sweep" or (smoke and args.table == "cheap2-sweep")
+  cheap2 = args.preset == "study-cheap2" or (smoke and args.table == "cheap2")
   final_choices = {}
   study_final = None
   if grouped or grouped_sweep:
@@ -157,6 +166,13 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
       sweep = _load(json_path)
   if args.preset == "study-final":
     sweep = _load(os.path.join(out_dir, "study_sweep.json"))
+  elif cheap2 or cheap2_sweep:
+    # Multiples of the final table's AMP epsilon per model; the table's ERM and full AMP rows
+    # are study_final's runs (same code path, seeds and data: copied, not retrained).
+    study_final = None if smoke else _load(os.path.join(out_dir, "study_final.json"))
+    final_choices = (study_final or {}).get("choices", {})
+    if cheap2:
+      sweep = _load(json_path if smoke else os.path.join(out_dir, "study_cheap2_sweep.json"))
   elif args.preset == "study-cheap":
     # The final table's AMP setting per model (chosen there on validation accuracy): the gain
     # each variant keeps is relative to full AMP at the same epsilon, norm and radius.
@@ -189,6 +205,24 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                                   "sam": choice["sam"].as_dict(), "how": why}
     if cheap:
       plan.append((config_for(False), cheap_settings(choice["amp"])))
+      continue
+    if cheap2_sweep:
+      settings = cheap2_sweep_settings(choice["amp"], smoke)
+      if args.variants:
+        settings = settings[:2] + [s for s in settings[2:] if cheap2_key(s) in args.variants]
+      plan.append((config_for(False), settings))
+      continue
+    if cheap2:
+      saved = result.setdefault("cheap2_choices", {})
+      if model not in saved or args.restart:
+        # Chosen once per table, from the sweep's validation accuracy.
+        saved[model] = choose_cheap2(sweep, "micro" if smoke else model)
+      settings = cheap2_final_settings(choice["amp"], saved[model])
+      if not args.rerun_references:
+        _import_whole_batch_runs(result, config_for(False), settings[:2], study_final)
+      if args.variants:  # e.g. the variants at about ERM's cost first
+        settings = settings[:2] + [s for s in settings[2:] if cheap2_key(s) in args.variants]
+      plan.append((config_for(False), settings))
       continue
     if grouped_sweep:
       plan.append((config_for(False), grouped_sweep_settings(choice["amp"], p["groups"], smoke)))
@@ -230,7 +264,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
              f"{r['train_loss']:.4f} eig {r['hessian_top_eigenvalue']:.3g} "
              f"({r['train_seconds']:.0f}s, {time.perf_counter() - t_start:.0f}s total)")
         finish(result, json_path)
-  if args.preset != "study-sweep" and not grouped_sweep and not args.skip_timing:
+  if args.preset != "study-sweep" and not grouped_sweep and not cheap2_sweep and (
+      not args.skip_timing):
     result["step_time"] = {}
     result["step_time_batch"] = p.get("batch_size", 128)
     for model in models:
@@ -241,6 +276,10 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         settings = grouped_final_settings(choice, per_group)
       elif cheap:
         settings = cheap_settings(choice["amp"])
+      elif cheap2:
+        settings = cheap2_final_settings(choice["amp"], result["cheap2_choices"][model])
+        if args.variants:
+          settings = settings[:2] + [s for s in settings[2:] if cheap2_key(s) in args.variants]
       else:
         settings = timing_settings(choice, smoke)
       _log(f"step time {model}")
@@ -256,7 +295,7 @@ def _merge_from_disk(result: dict[str, Any], json_path: str) -> None:
   disk = _load(json_path)
   if disk is None:
     return
-  for key in ("choices", "step_time"):
+  for key in ("choices", "step_time", "step_time_all", "cheap2_choices"):
     for model, value in disk.get(key, {}).items():
       result.setdefault(key, {}).setdefault(model, value)
   for model, per_group in disk.get("grouped_choices", {}).items():
@@ -313,7 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(
       description="Where does AMP help? ERM vs AMP vs SAM where a regulariser matters, on CPU.")
   ap.add_argument("--preset", choices=sorted(PRESETS), default="study-sweep")
-  ap.add_argument("--table", choices=("sweep", "final", "cheap", "grouped-sweep", "grouped"),
+  ap.add_argument("--table", choices=("sweep", "final", "cheap", "grouped-sweep", "grouped",
+                                      "cheap2-sweep", "cheap2"),
                   default="final",
                   help="with study-smoke: which table's settings to run")
   ap.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None)
@@ -323,6 +363,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   default=None, help="study-final: run only these blocks (default: all, in the "
                   "order core (ERM/AMP/SAM, no aug), aug (the same with augmentation), cheaper "
                   "(an ascent every 2nd and 4th step), paper (AMP at the paper's epsilon))")
+  ap.add_argument("--variants", nargs="+", choices=[k for k, _, _ in CHEAP2_VARIANTS],
+                  default=None, help="study-cheap2(-sweep): only these variants' rows (with ERM "
+                  "and full AMP)")
+  ap.add_argument("--rerun-references", action="store_true",
+                  help="study-cheap2: train ERM and full AMP instead of copying study_final's "
+                  "runs")
   ap.add_argument("--seeds", type=int, default=None, help="only the first N of the preset's seeds")
   ap.add_argument("--only-seeds", type=int, nargs="+", default=None,
                   help="only these of the preset's seeds, in this order (e.g. 4 3 in a second "

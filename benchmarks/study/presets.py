@@ -50,6 +50,8 @@ class Setting:
     if self.method == "sam":
       return f"SAM rho={self.rho:g}{group}"
     s = f"AMP {self.radius[:3]} {self.norm} eps={self.epsilon:g}"
+    if self.inner_lr != 1.0:  # study-cheap2: inner_lr = SAM_INNER_LR puts the step on the sphere
+      s += " sphere" if self.inner_lr == SAM_INNER_LR else f" inner_lr={self.inner_lr:g}"
     if self.ascent_every > 1:
       s += f" every={self.ascent_every} {self.between}"
       if self.dispatch == "python":
@@ -83,9 +85,20 @@ class Config:
 
 VARIANTS = ("momentum", "drop-in", "late")
 LATE_FRACTION = 0.25  # "late": AMP on the last quarter of the steps, ERM before.
+# study-cheap2 (issue 25) adds: "late10" (AMP on the last 10% of the steps), "momentum+" (the
+# momentum direction with the other sign: theta + rho * m/|m|; the library's "momentum" is
+# theta - rho * m/|m|, Momentum-SAM's), and "random" (a random direction on the sphere of
+# radius epsilon each step, one extra forward/backward like AMP: a control).
+LATE_FRACTIONS = {"late": LATE_FRACTION, "late10": 0.10}
 VARIANT_LABELS = {"momentum": "momentum ascent (drop-in)",
                   "drop-in": "drop-in K=1 successive batches",
-                  "late": f"last {100 * LATE_FRACTION:g}% of steps only"}
+                  "late": f"last {100 * LATE_FRACTION:g}% of steps only",
+                  "late10": f"last {100 * LATE_FRACTIONS['late10']:g}% of steps only",
+                  "momentum+": "momentum ascent +m (theta + rho m/|m|)",
+                  "random": "random direction (control)",
+                  "random1": "random direction, one pass (drop-in)"}
+# Drop-in style: the step holds theta + Delta.
+PLAIN_VARIANTS = ("momentum", "momentum+", "drop-in", "random1")
 
 
 def calls_per_step(setting: Setting) -> int:
@@ -124,6 +137,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # study_final AMP row's norm and radius), then 5 paired seeds with a ghost-BN ERM control.
     "study-grouped-sweep": dict(_REAL, augments=(False,), seeds=SWEEP_SEEDS, groups=GROUPS),
     "study-grouped": dict(_REAL, augments=(False,), seeds=FINAL_SEEDS, groups=GROUPS),
+    # A radius per cheap variant (issue 25): each variant's epsilon on the sphere chosen on
+    # validation over its own grid (multiples of study_final's AMP epsilon), then 5 paired seeds.
+    "study-cheap2-sweep": dict(_REAL, augments=(False,), seeds=(100,)),
+    "study-cheap2": dict(_REAL, augments=(False,), seeds=FINAL_SEEDS),
     "study-smoke": dict(models=("micro",), augments=(False, True), train_size=96, val_size=32,
                         test_size=64, epochs=2, seeds=(0, 1), hessian_iters=2,
                         perturb_samples=2, sharpness_batch=32, batch_size=32, groups=(4,)),
@@ -245,4 +262,105 @@ def grouped_final_settings(whole: dict[str, Setting],
   settings = [Setting("erm"), whole["amp"], whole["sam"]]
   for g, choice in per_group.items():
     settings += [Setting("erm", num_groups=g), choice["amp"], choice["sam"]]
+  return settings
+
+
+# study-cheap2 (issue 25): per cheap variant, (key, Setting fields, grid as multiples of full
+# AMP's epsilon). Every variant runs on the sphere (inner_lr = SAM_INNER_LR: the projection puts
+# Delta on the sphere of radius epsilon; with inner_lr = 1 the ball only caps, and every radius
+# above |inner_lr g| or |m| gives the same run), in the norm and radius family of full AMP.
+CHEAP2_VARIANTS: tuple[tuple[str, dict[str, Any], tuple[float, ...]], ...] = (
+    # 1x added after the first sweep (small) chose the grid's lowest point, 3x, for both signs.
+    ("momentum -m", dict(variant="momentum"), (1, 3, 10, 30)),
+    ("momentum +m", dict(variant="momentum+"), (1, 3, 10, 30)),
+    ("every=8 reuse", dict(ascent_every=8, between="reuse"), (1, 5, 30)),
+    ("every=8 clean", dict(ascent_every=8, between="clean"), (1, 5, 30)),
+    ("every=10 reuse", dict(ascent_every=10, between="reuse"), (1, 5, 30)),
+    ("every=10 clean", dict(ascent_every=10, between="clean"), (1, 5, 30)),
+    ("every=16 reuse", dict(ascent_every=16, between="reuse"), (1, 5, 30)),
+    ("every=16 clean", dict(ascent_every=16, between="clean"), (1, 5, 30)),
+    ("late 10%", dict(variant="late10"), (1, 3, 10)),
+    ("late 25%", dict(variant="late"), (1, 3, 10)),
+    ("random", dict(variant="random"), (1, 5, 30)),
+    # The same random perturbation in one pass (drop-in: the step holds theta + Delta and takes
+    # the gradient there only; BatchNorm statistics from that pass): ERM's cost. Added after
+    # the sweep; its epsilon is the control's choice (the same perturbation).
+    ("random, one pass", dict(variant="random1"), (1, 5, 30)),
+)
+SAME_CHOICE_AS = {"random, one pass": "random"}
+
+
+def cheap2_key(setting: Setting) -> str | None:
+  """The study-cheap2 variant a setting belongs to (None: ERM, full AMP, or none)."""
+  for key, fields, _ in CHEAP2_VARIANTS:
+    if setting.method == "amp" and setting.inner_lr == SAM_INNER_LR and all(
+        getattr(setting, f) == v for f, v in fields.items()) and (
+        "ascent_every" in fields or setting.ascent_every == 1) and (
+        "variant" in fields or not setting.variant):
+      return key
+  return None
+
+
+def cheap2_variant(amp_best: Setting, key: str, multiple: float) -> Setting:
+  """Variant ``key`` at ``multiple`` x full AMP's epsilon (same norm and radius), on the sphere."""
+  fields = dict(next(f for k, f, _ in CHEAP2_VARIANTS if k == key))
+  base = dataclasses.replace(amp_best, ascent_every=1, between="clean", dispatch="python",
+                             variant="", inner_lr=SAM_INNER_LR)
+  eps = float(f"{amp_best.epsilon * multiple:.3g}")
+  return dataclasses.replace(base, epsilon=eps, **fields)
+
+
+def cheap2_sweep_settings(amp_best: Setting, smoke: bool) -> list[Setting]:
+  """ERM and full AMP (references), then each variant over its grid."""
+  full = dataclasses.replace(amp_best, ascent_every=1, between="clean", dispatch="cond",
+                             variant="")
+  settings = [Setting("erm"), full]
+  for key, _, grid in CHEAP2_VARIANTS:
+    if smoke and key not in SMOKE_CHEAP2:
+      continue
+    settings += [cheap2_variant(amp_best, key, m) for m in (grid[::2] if smoke else grid)]
+  return settings
+
+
+SMOKE_CHEAP2 = ("momentum -m", "momentum +m", "every=8 reuse", "late 10%", "random")
+
+
+def choose_cheap2(sweep: dict[str, Any] | None, model: str) -> dict[str, dict[str, Any]]:
+  """Per variant: its grid with the mean validation accuracy per epsilon, and the epsilon with
+  the best one (``{key: {"setting": ..., "grid": [[eps, val, n], ...]}}``)."""
+  out: dict[str, dict[str, Any]] = {}
+  if sweep is None:
+    return out
+  for group in sweep["groups"]:
+    if group["config"]["model"] != model or group["config"]["augment"]:
+      continue
+    for row in group["rows"]:
+      s = Setting(**row["setting"])
+      key = cheap2_key(s)
+      if key is None or not row["runs"]:
+        continue
+      val = float(np.mean([r["val_acc"] for r in row["runs"].values()]))
+      entry = out.setdefault(key, {"grid": []})
+      entry["grid"].append([s.epsilon, val, len(row["runs"])])
+      if "val" not in entry or val > entry["val"]:
+        entry.update(val=val, setting=s.as_dict())
+  for entry in out.values():
+    entry["grid"].sort()
+  for key, source in SAME_CHOICE_AS.items():
+    if key not in out and source in out:
+      fields = next(f for k, f, _ in CHEAP2_VARIANTS if k == key)
+      out[key] = dict(out[source], from_variant=source, setting=dataclasses.replace(
+          Setting(**out[source]["setting"]), **fields).as_dict())
+  return out
+
+
+def cheap2_final_settings(amp_best: Setting, chosen: dict[str, dict[str, Any]],
+                          smoke: bool = False) -> list[Setting]:
+  """ERM, full AMP, and each variant at its chosen epsilon (in CHEAP2_VARIANTS' order)."""
+  full = dataclasses.replace(amp_best, ascent_every=1, between="clean", dispatch="cond",
+                             variant="")
+  settings = [Setting("erm"), full]
+  for key, _, _ in CHEAP2_VARIANTS:
+    if key in chosen:
+      settings.append(Setting(**chosen[key]["setting"]))
   return settings

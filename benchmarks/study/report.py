@@ -8,6 +8,7 @@ import numpy as np
 from benchmarks.study.presets import PAPER
 from benchmarks.study.presets import SWEEP_GRID
 from benchmarks.study.presets import Setting
+from benchmarks.study.presets import cheap2_key
 from benchmarks.study.stats import paired_ci
 from benchmarks.study.stats import ratio_ci
 
@@ -71,16 +72,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines += transfer_lines(result)
   elif result["preset"] == "study-grouped-sweep":
     pass  # per G, the rows above; the grouped table chooses from them.
+  elif result["preset"] in ("study-cheap2", "study-cheap2-sweep") or "cheap2_choices" in result or (
+      any(cheap2_key(Setting(**r["setting"])) for g in result["groups"] for r in g["rows"])):
+    lines += cheap2_lines(result)
   elif any(r["setting"].get("num_groups", 1) > 1 for g in result["groups"] for r in g["rows"]):
     lines += grouped_lines(result)
   else:
     lines += comparison_lines(result)
     lines += cheap_lines(result)
-  if result.get("step_time"):
-    lines += [f"## Step time (interleaved in one process, batch {result.get('step_time_batch')}"
+  for key, what in (("step_time_all", "first timing, every row"),
+                    ("step_time", "interleaved in one process")):
+    if not result.get(key):
+      continue
+    lines += [f"## Step time ({what}, batch {result.get('step_time_batch')}"
               f", {result['machine']['cpu_count']} CPU cores shared with other jobs)", "",
               "| model | setting | ms/step (median) | ratio to ERM |", "|---|---|---|---|"]
-    for m, rows in sorted(result["step_time"].items(), key=lambda kv: (kv[0] != "small", kv[0])):
+    for m, rows in sorted(result[key].items(), key=lambda kv: (kv[0] != "small", kv[0])):
       for r in rows:
         lines.append(f"| {m} | {r['label']} | {r['ms_median']:.1f} | {r['ratio_vs_erm']:.2f} |")
     lines.append("")
@@ -265,6 +272,128 @@ def cheap_lines(result: dict[str, Any]) -> list[str]:
           f"{_ci(gain)} | {vs_amp} | {kept} | {target} | "
           f"{'—' if step is None else f'{step:.2f}'} | {np.mean(t_ratio):.2f} |")
   return lines + [""] if len(lines) > n_rows else []
+
+
+def _full_amp(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+  return next((r for r in rows if r["setting"]["method"] == "amp"
+               and r["setting"]["ascent_every"] == 1 and not r["setting"].get("variant")
+               and r["setting"].get("inner_lr", 1.0) == 1.0
+               and Setting(**r["setting"]) != PAPER), None)
+
+
+def _applied(row: dict[str, Any]) -> str:
+  """Mean applied |Delta| over the last epoch (over seeds) / the sphere's radius there."""
+  runs = [x for x in row["runs"].values() if x.get("delta_norm_last_epoch") is not None]
+  if not runs:
+    return "—"
+  st = row["setting"]
+  applied = float(np.mean([x["delta_norm_last_epoch"] for x in runs]))
+  if st["norm"] != "global":
+    return f"{applied:.3g}"
+  radius = st["epsilon"] * (float(np.mean([x["param_norm"] for x in runs]))
+                            if st["radius"] == "relative" else 1.0)
+  return f"{applied:.3g} / {radius:.3g}"
+
+
+def cheap2_lines(result: dict[str, Any]) -> list[str]:
+  """A radius per cheap variant (issue 25): the sweep's grid per variant, or the table's gain,
+  kept fraction of full AMP's gain and step time per variant at its chosen epsilon.
+
+  Step time: ``step_time_all`` (a first interleaved timing of every row, kept when a second
+  timing of a subset replaced ``step_time``) and ``step_time``."""
+  times = _step_time_ratios(result)
+  first = _step_time_ratios({"step_time": result.get("step_time_all", {})})
+  lines: list[str] = []
+  for g in sorted(result["groups"], key=_group_order):
+    c = g["config"]
+    rows = [r for r in g["rows"] if r["runs"]]
+    erm = next((r for r in rows if r["setting"]["method"] == "erm"), None)
+    amp = _full_amp(rows)
+    if amp is None:
+      continue
+    eps0 = amp["setting"]["epsilon"]
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+      key = cheap2_key(Setting(**r["setting"]))
+      if key is not None:
+        by_key.setdefault(key, []).append(r)
+    chosen = result.get("cheap2_choices", {}).get(c["model"])
+    if chosen is None:  # the sweep: every grid point
+      lines += [f"## {c['model']}: each variant over its own grid (multiples of full AMP's "
+                f"epsilon {eps0:g}, {amp['setting']['radius']} {amp['setting']['norm']}; on "
+                "the sphere: inner_lr = 1e6)", "",
+                "Applied |Delta|: mean over the last epoch's perturbed steps (and seeds) / the "
+                "sphere's radius (epsilon, or epsilon·|theta| for a relative radius). Bold: "
+                "the best validation accuracy of the variant (its chosen epsilon).", "",
+                "| variant | epsilon (x AMP's) | seeds | val acc % | test acc % | final train "
+                "loss | applied abs(Delta) / radius |", "|---|---|---|---|---|---|---|"]
+      for r in ([erm] if erm else []) + [amp]:
+        s_ = r["summary"]
+        lines.append(f"| {r['label']} (reference) | — | {len(s_['seeds'])} | "
+                     f"{_pct(s_['val_acc']['mean'])} | {_pct(s_['test_acc']['mean'])} | "
+                     f"{s_['train_loss']['mean']:.4f} | {_applied(r)} |")
+      for key, rs in by_key.items():
+        rs = sorted(rs, key=lambda r: r["setting"]["epsilon"])
+        best = max(rs, key=lambda r: r["summary"]["val_acc"]["mean"])
+        for r in rs:
+          s_ = r["summary"]
+          val = _pct(s_["val_acc"]["mean"])
+          lines.append(f"| {key} | {r['setting']['epsilon']:g} "
+                       f"({r['setting']['epsilon'] / eps0:.3g}x) | {len(s_['seeds'])} | "
+                       f"{f'**{val}**' if r is best else val} | {_pct(s_['test_acc']['mean'])} "
+                       f"| {s_['train_loss']['mean']:.4f} | {_applied(r)} |")
+      lines.append("")
+      continue
+    if erm is None:
+      continue
+    lines += [f"## {c['model']}: AMP at ERM's cost, a radius chosen for each variant", "",
+              "Grid: validation accuracy % per epsilon (x full AMP's epsilon "
+              f"{eps0:g}, {amp['setting']['radius']} {amp['setting']['norm']}; seeds of the "
+              "sweep); the chosen epsilon (best validation accuracy) in bold. Every variant on "
+              "the sphere (inner_lr = 1e6). Applied |Delta|: mean over the last epoch's perturbed "
+              "steps and the seeds / the sphere's radius (epsilon·|theta| for a relative "
+              "radius). Gain: test accuracy − ERM's, paired by seed (points, 95% t-interval); "
+              "kept: gain / full AMP's gain with a 95% Fieller interval; ≥80%?: the paired "
+              "interval of gain − 0.8·AMP gain. Step time / ERM: the interleaved timing below "
+              "(late: derived from the ERM and full AMP steps).", "",
+              "| variant | grid: val acc % | chosen eps | n | applied abs(Delta) / radius | "
+              "final train loss | test acc % | gain vs ERM | kept [95%] | ≥80%? gain − "
+              "0.8·AMP gain | step time / ERM (all; subset) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [amp] + [rs[0] for rs in by_key.values()]:
+      common = sorted(set(r["runs"]) & set(erm["runs"]) & set(amp["runs"]), key=int)
+      if not common:
+        continue
+      acc = np.asarray([r["runs"][k]["test_acc"] for k in common])
+      e = np.asarray([erm["runs"][k]["test_acc"] for k in common])
+      a = np.asarray([amp["runs"][k]["test_acc"] for k in common])
+      loss = np.mean([r["runs"][k]["train_loss"] for k in common])
+      key = cheap2_key(Setting(**r["setting"]))
+      if r is amp:
+        name, grid, kept, target = "full AMP", "—", "—", "—"
+      else:
+        name = key
+        entry = chosen.get(key, {})
+        grid = ", ".join((f"**{x / eps0:.3g}x: {100 * v:.1f}**" if x == r["setting"]["epsilon"]
+                          else f"{x / eps0:.3g}x: {100 * v:.1f}") for x, v, _ in
+                         entry.get("grid", []))
+        if entry.get("from_variant"):
+          grid += f" ({entry['from_variant']}'s grid and choice)"
+        lo, hi = ratio_ci(acc - e, a - e)
+        amp_gain = float(np.mean(a - e))
+        ratio = float(np.mean(acc - e)) / amp_gain if amp_gain else float("nan")
+        kept = f"{100 * ratio:.0f}% " + (
+            f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" if np.isfinite(lo) and np.isfinite(hi)
+            else "[unbounded]")
+        target = _ci(paired_ci(list(acc - e), list(0.8 * (a - e))))
+      steps = [t.get((c["model"], r["label"])) for t in (first, times)]
+      step = "; ".join("—" if x is None else f"{x:.2f}" for x in steps)
+      lines.append(
+          f"| {name} | {grid} | {r['setting']['epsilon']:g} | {len(common)} | {_applied(r)} | "
+          f"{loss:.4f} | {100 * acc.mean():.2f} | {_ci(paired_ci(list(acc), list(e)))} | "
+          f"{kept} | {target} | {step} |")
+    lines.append("")
+  return lines
 
 
 def transfer_lines(result: dict[str, Any]) -> list[str]:

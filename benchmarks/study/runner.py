@@ -11,6 +11,7 @@ and ``num_groups=G > 1`` is :func:`amp_optax.grouped_amp`.
 import dataclasses
 import time
 from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,8 @@ from benchmarks.study.data import MEAN
 from benchmarks.study.data import STD
 from benchmarks.study.data import Data
 from benchmarks.study.models import get_model
-from benchmarks.study.presets import LATE_FRACTION
+from benchmarks.study.presets import LATE_FRACTIONS
+from benchmarks.study.presets import PLAIN_VARIANTS
 from benchmarks.study.presets import SAM_INNER_LR
 from benchmarks.study.presets import Config
 from benchmarks.study.presets import Setting
@@ -59,6 +61,134 @@ def _amp(setting: Setting) -> optax.GradientTransformation:
                        reuse_correction=_reuse(setting))
 
 
+class MomentumDirectionState(NamedTuple):
+  """:func:`momentum_direction`'s state (the fields of ``DropInAmpState`` it needs)."""
+  count: jax.Array
+  theta: Any
+  momentum: Any
+  delta_norm: jax.Array
+  inner_state: Any
+
+
+def _sphere(tree, epsilon: float, norm: str, relative: bool, scale_of):
+  """``tree`` scaled onto the sphere of radius epsilon (global, or per tensor), relative to
+  ``scale_of``'s norms when ``relative``; a zero tree stays zero."""
+  if norm == "global":
+    radius = epsilon * (amp_optax.global_l2_norm(scale_of) if relative else 1.0)
+    n = amp_optax.global_l2_norm(tree)
+    f = jnp.where(n > 0, radius / jnp.where(n > 0, n, 1.0), 0.0)
+    return jax.tree.map(lambda x: f * x, tree)
+
+  def leaf(x, p):
+    radius = epsilon * (jnp.linalg.norm(p.ravel()) if relative else 1.0)
+    n = jnp.linalg.norm(x.ravel())
+    return jnp.where(n > 0, radius / jnp.where(n > 0, n, 1.0), 0.0) * x
+
+  return jax.tree.map(leaf, tree, scale_of)
+
+
+def momentum_direction(base: optax.GradientTransformation, epsilon: float, sign: float,
+                       norm: str = "global", relative: bool = False,
+                       decay: float = 0.9) -> optax.GradientTransformation:
+  """The momentum-direction ascent of ``drop_in_amp(ascent="momentum")`` on the sphere, with a
+  sign: a drop-in transformation (the step holds ``theta + Delta``; one gradient per step).
+
+  Each call: theta <- theta + base's update (the gradient was taken at theta + Delta), m <-
+  decay m + (1 - decay) g, Delta <- sign * epsilon * m / |m| (global or per tensor, relative to
+  theta's norms when ``relative``), and the parameters move to theta + Delta. ``sign = -1`` is
+  the library's ``drop_in_amp(ascent="momentum", inner_lr=large)`` (theta - rho m/|m|,
+  Momentum-SAM's: along the descent direction), ``+1`` the other sign (theta + rho m/|m|,
+  along the averaged gradient: an ascent direction, AMP's and SAM's sign).
+  """
+
+  def init(params):
+    return MomentumDirectionState(
+        count=jnp.zeros((), jnp.int32), theta=jax.tree.map(jnp.array, params),
+        momentum=jax.tree.map(jnp.zeros_like, params), delta_norm=jnp.zeros((), jnp.float32),
+        inner_state=base.init(params))
+
+  def update(grads, state, params=None):
+    base_updates, inner = base.update(grads, state.inner_state, state.theta)
+    theta = optax.apply_updates(state.theta, base_updates)
+    m = jax.tree.map(lambda a, g: decay * a + (1.0 - decay) * g, state.momentum, grads)
+    delta = jax.tree.map(lambda d: sign * d, _sphere(m, epsilon, norm, relative, theta))
+    target = jax.tree.map(jnp.add, theta, delta)
+    updates = jax.tree.map(jnp.subtract, target, params)
+    applied = amp_optax.global_l2_norm(jax.tree.map(jnp.subtract, target, theta))
+    return updates, MomentumDirectionState(optax.safe_increment(state.count), theta, m,
+                                           applied.astype(jnp.float32), inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def random_drop_in(base: optax.GradientTransformation, epsilon: float, norm: str = "global",
+                   relative: bool = False, seed: int = 0) -> optax.GradientTransformation:
+  """:func:`random_direction`'s perturbation in one pass, as a drop-in transformation: the step
+  holds theta + Delta and its gradient (the only one) is taken there; each call theta <- theta +
+  base's update and a fresh Delta on the sphere (of theta's norm when ``relative``). ERM's cost
+  (one forward/backward), not AMP's. The state is :class:`MomentumDirectionState` with the PRNG
+  key in ``momentum``."""
+
+  def init(params):
+    return MomentumDirectionState(
+        count=jnp.zeros((), jnp.int32), theta=jax.tree.map(jnp.array, params),
+        momentum=jax.random.PRNGKey(seed), delta_norm=jnp.zeros((), jnp.float32),
+        inner_state=base.init(params))
+
+  def update(grads, state, params=None):
+    base_updates, inner = base.update(grads, state.inner_state, state.theta)
+    theta = optax.apply_updates(state.theta, base_updates)
+    key, sub = jax.random.split(state.momentum)
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(sub, len(leaves))
+    gauss = jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, p.dtype)
+                                         for k, p in zip(keys, leaves, strict=True)])
+    target = jax.tree.map(jnp.add, theta, _sphere(gauss, epsilon, norm, relative, theta))
+    applied = amp_optax.global_l2_norm(jax.tree.map(jnp.subtract, target, theta))
+    return jax.tree.map(jnp.subtract, target, params), MomentumDirectionState(
+        optax.safe_increment(state.count), theta, key, applied.astype(jnp.float32), inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+class RandomDirectionState(NamedTuple):
+  key: jax.Array
+  delta_norm: jax.Array
+
+
+def random_direction(epsilon: float, norm: str = "global", relative: bool = False,
+                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """A control for AMP's ascent: the gradient at ``params + Delta``, Delta a random direction
+  on the sphere of radius epsilon (drawn afresh each step; global, or one sphere per tensor;
+  relative to the parameters' norms when ``relative``), in place of the clean gradient. Called
+  like :func:`amp_optax.amp` (``grad_fn``): one extra forward/backward, as AMP's."""
+  def init(params):
+    del params
+    return RandomDirectionState(jax.random.PRNGKey(seed), jnp.zeros((), jnp.float32))
+
+  def update(updates, state, params=None, *, grad_fn=None, **extra):
+    del updates, extra
+    key, sub = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(sub, len(leaves))
+    gauss = jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, p.dtype)
+                                         for k, p in zip(keys, leaves, strict=True)])
+    u = _sphere(gauss, epsilon, norm, relative, params)  # isotropic: uniform on the sphere
+    grads = grad_fn(optax.apply_updates(params, u), 0)
+    return grads, RandomDirectionState(key, amp_optax.global_l2_norm(u).astype(jnp.float32))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def delta_norm_of(opt_state) -> jax.Array | None:
+  """The applied perturbation's global norm from an optimiser state (AmpState, DropInAmpState
+  or this module's states: the first ``delta_norm`` found); None without one."""
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "delta_norm")):
+    if hasattr(node, "delta_norm"):
+      return node.delta_norm
+  return None
+
+
 def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.GradientTransformation:
   """SGD (Nesterov, decoupled weight decay, cosine decay), plain or under AMP or SAM."""
   base = _base(config, total_steps)
@@ -73,6 +203,14 @@ def make_tx(setting: Setting, config: Config, total_steps: int) -> optax.Gradien
     return optax.chain(amp_optax.grouped_amp(
         setting.epsilon, num_groups=setting.num_groups, inner_lr=setting.inner_lr,
         inner_steps=1, norm=setting.norm, relative=_relative(setting)), base)
+  if setting.method == "amp" and setting.variant == "momentum+":
+    return momentum_direction(base, setting.epsilon, +1.0, norm=setting.norm,
+                              relative=_relative(setting))
+  if setting.method == "amp" and setting.variant == "random1":
+    return random_drop_in(base, setting.epsilon, norm=setting.norm, relative=_relative(setting))
+  if setting.method == "amp" and setting.variant == "random":
+    return optax.chain(random_direction(setting.epsilon, norm=setting.norm,
+                                        relative=_relative(setting)), base)
   if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
     # The base optimiser's schedule counts descent steps (total_steps of them).
     return amp_optax.drop_in_amp(
@@ -210,14 +348,14 @@ def make_python_dispatched(model: nn.Module, setting: Setting, config: Config, t
 
 
 def make_late(model: nn.Module, setting: Setting, config: Config, total_steps: int):
-  """ERM, then full AMP on the last :data:`LATE_FRACTION` of the steps: ``(init, step)``.
+  """ERM, then full AMP on the last ``LATE_FRACTIONS[variant]`` of the steps: ``(init, step)``.
 
   One optimiser, ``chain(amp(...), base)``, whose steps are decided in Python with
   ``update(..., ascend=bool)`` (two jitted steps, no ``lax.cond``): the base optimiser's
   momentum and schedule run on unchanged when AMP switches on.
   """
   tx = optax.chain(_amp(setting), _base(config, total_steps))
-  start = int(round((1.0 - LATE_FRACTION) * total_steps))
+  start = int(round((1.0 - LATE_FRACTIONS[setting.variant]) * total_steps))
   steps = {a: make_train_step(model, tx, config.augment, ascend=a) for a in (False, True)}
   calls = [0]
 
@@ -242,18 +380,20 @@ def make_runner(model: nn.Module, setting: Setting, config: Config, total_steps:
   """
   if setting.method == "amp" and setting.ascent_every > 1:
     return make_python_dispatched(model, setting, config, total_steps)
-  if setting.method == "amp" and setting.variant == "late":
+  if setting.method == "amp" and setting.variant in LATE_FRACTIONS:
     return make_late(model, setting, config, total_steps)
   tx = make_tx(setting, config, total_steps)
   if setting.num_groups > 1:
     return tx.init, make_grouped_train_step(model, tx, config.augment, setting.num_groups,
                                             ascent=setting.method != "erm")
-  plain = setting.method == "amp" and setting.variant in ("momentum", "drop-in")
+  plain = setting.method == "amp" and setting.variant in PLAIN_VARIANTS
   return tx.init, make_train_step(model, tx, config.augment, plain=plain)
 
 
 def eval_params(setting: Setting, params, opt_state):
   """The parameters to evaluate: theta, without a drop-in setting's perturbation."""
+  if setting.method == "amp" and setting.variant in ("momentum+", "random1"):
+    return opt_state.theta
   if setting.method == "amp" and setting.variant in ("momentum", "drop-in"):
     return amp_optax.unperturbed_params(params, opt_state)
   return params
@@ -359,7 +499,7 @@ class Trainer:
     for epoch in range(epochs):
       # The data order and augmentation draws depend on the seed only: paired across methods.
       perm = np.random.default_rng([seed, epoch]).permutation(n)
-      losses, accs = [], []
+      losses, accs, deltas = [], [], []
       for i in range(steps_per_epoch):
         idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
         params, stats, opt_state, loss, acc = step(
@@ -367,12 +507,21 @@ class Trainer:
             jax.random.fold_in(aug_key, epoch * steps_per_epoch + i))
         losses.append(loss)
         accs.append(acc)
+        if epoch == epochs - 1:
+          dn = delta_norm_of(opt_state)  # copied: the next step donates the state
+          deltas.append(None if dn is None else jnp.array(dn, copy=True))
       if log is not None and (epoch + 1) % max(1, epochs // 4) == 0:
         log(f"    epoch {epoch + 1}/{epochs} train loss "
             f"{float(np.mean(jax.device_get(losses))):.4f}")
     train_loss = float(np.mean(jax.device_get(losses)))
     train_acc = float(np.mean(jax.device_get(accs)))
     train_seconds = time.perf_counter() - t0
+    # The applied perturbation over the last epoch: its mean over the steps that perturbed
+    # (every-k: the ascent steps; drop-in: the calls that moved to theta + Delta), and the
+    # share of the steps that did.
+    applied = (np.asarray(jax.device_get(deltas), np.float64) if deltas and deltas[0] is not None
+               else np.zeros(0))
+    on = applied[applied > 0]
     params = eval_params(setting, params, opt_state)
     if config.model not in self._eval:
       self._eval[config.model] = make_eval(model)
@@ -389,6 +538,9 @@ class Trainer:
             "hessian_top_eigenvalue": float(sharp["hessian_top_eigenvalue"]),
             "perturb_increase": float(sharp["perturb_increase"]),
             "param_norm": float(amp_optax.global_l2_norm(params)),
+            "delta_norm_last_epoch": float(on.mean()) if len(on) else (
+                0.0 if len(applied) else None),
+            "perturbed_share_last_epoch": float(len(on) / len(applied)) if len(applied) else None,
             "train_seconds": train_seconds}
 
 
@@ -397,26 +549,31 @@ def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds
                blocks: int = 6, block: int = 8) -> list[dict[str, Any]]:
   """Median seconds per (descent) step of each setting's train step, interleaved in ``rounds``.
 
-  Each timed call is a block of ``block`` consecutive descent steps (a multiple of
-  ``ascent_every``; with the drop-in gradient ascent ``calls_per_step`` calls each) waited for
-  at its end, so steps with and without an ascent are averaged as in training. A "late"
-  setting is not timed itself: its rows are derived from the ERM row and the full AMP row of
-  the same timing, ``(1 - LATE_FRACTION) * ERM + LATE_FRACTION * AMP`` (the two steps it
-  alternates between; see :func:`make_late`), and say so (``"derived"``).
+  Each timed call is a block of ``block`` consecutive descent steps (for a setting with
+  ``ascent_every = k > 1``, the smallest multiple of k that is at least ``block``; with the
+  drop-in gradient ascent ``calls_per_step`` calls each) waited for at its end, so steps with
+  and without an ascent are averaged as in training. A late-phase setting is not timed itself:
+  its rows are derived from the ERM row and the full AMP row (same epsilon, norm, radius and
+  inner_lr, else the table's full AMP row) of the same timing, ``(1 - f) * ERM + f * AMP`` for
+  its fraction f (the two steps it alternates between; see :func:`make_late`), and say so
+  (``"derived"``).
   """
   model = get_model(model_name)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (batch_size,)).astype(np.int32)
   config = Config(model_name, False, batch_size, 0, 1, batch_size)
-  timed = [s for s in settings if s.variant != "late"]
+  timed = [s for s in settings if s.variant not in LATE_FRACTIONS]
   runners = []
+  sizes = []
   for s in timed:
     init, step = make_runner(model, s, config, 1000)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     state = [variables["params"], variables["batch_stats"], init(variables["params"])]
     key = jax.random.key(0)
-    n_calls = block * calls_per_step(s)
+    k = max(1, s.ascent_every)
+    size = -(-block // k) * k
+    n_calls = size * calls_per_step(s)
 
     def run_block(step=step, state=state, key=key, calls=n_calls):
       for _ in range(calls):
@@ -426,13 +583,14 @@ def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds
 
     run_block()  # compile and warm up
     runners.append(run_block)
+    sizes.append(size)
   times: list[list[float]] = [[] for _ in timed]
   for _ in range(rounds):
     for i, r in enumerate(runners):
       for _ in range(blocks):
         t0 = time.perf_counter()
         r()
-        times[i].append((time.perf_counter() - t0) / block)
+        times[i].append((time.perf_counter() - t0) / sizes[i])
   erm = float(np.median(times[0]))
   by_setting = {}
   for s, t in zip(timed, times, strict=True):
@@ -442,15 +600,18 @@ def time_steps(model_name: str, settings: list[Setting], batch_size: int, rounds
                      "ms_p90": 1e3 * float(np.percentile(t, 90)), "ratio_vs_erm": med / erm}
   rows = []
   for s in settings:
-    if s.variant != "late":
+    if s.variant not in LATE_FRACTIONS:
       rows.append(by_setting[s])
       continue
     full = dataclasses.replace(s, variant="")
+    if full not in by_setting:  # e.g. a late row on the sphere: the step of full AMP's row
+      full = next((x for x in timed if x.method == "amp" and x.ascent_every == 1
+                   and not x.variant), full)
     if full not in by_setting or timed[0].method != "erm":
       continue
+    f = LATE_FRACTIONS[s.variant]
     row = {"setting": s.as_dict(), "label": s.label, "derived": True}
     for k in ("ms_median", "ratio_vs_erm"):  # no percentiles: not timed itself
-      row[k] = ((1 - LATE_FRACTION) * by_setting[timed[0]][k]
-                + LATE_FRACTION * by_setting[full][k])
+      row[k] = (1 - f) * by_setting[timed[0]][k] + f * by_setting[full][k]
     rows.append(row)
   return rows
