@@ -215,6 +215,18 @@ def _ci(d: dict[str, Any], scale: float = 100.0) -> str:
   return f"{scale * d['mean']:+.2f} [{scale * d['lo']:+.2f}, {scale * d['hi']:+.2f}]"
 
 
+
+def _kept_of_amp_gain(acc: np.ndarray, erm: np.ndarray, amp: np.ndarray) -> tuple[str, str]:
+  """Per-seed test accuracies -> ("kept %" of full AMP's gain with its Fieller interval, the
+  paired interval of gain - 0.8 * AMP's gain), as the tables print them."""
+  lo, hi = ratio_ci(acc - erm, amp - erm)
+  amp_gain = float(np.mean(amp - erm))
+  ratio = float(np.mean(acc - erm)) / amp_gain if amp_gain else float("nan")
+  kept = f"{100 * ratio:.0f}% " + (
+      f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" if np.isfinite(lo) and np.isfinite(hi)
+      else "[unbounded]")
+  return kept, _ci(paired_ci(list(acc - erm), list(0.8 * (amp - erm))))
+
 def cheap_lines(result: dict[str, Any]) -> list[str]:
   """AMP at ERM's cost (study-cheap): each variant's gain over ERM, its difference to full AMP,
   the share of AMP's gain it keeps, and its step time against ERM, all paired by seed."""
@@ -257,13 +269,7 @@ def cheap_lines(result: dict[str, Any]) -> list[str]:
         vs_amp = kept = target = "—"
       else:
         vs_amp = _ci(paired_ci(list(acc), list(a)))
-        lo, hi = ratio_ci(acc - e, a - e)
-        amp_gain = float(np.mean(a - e))
-        ratio = float(np.mean(acc - e)) / amp_gain if amp_gain else float("nan")
-        kept = f"{100 * ratio:.0f}% " + (
-            f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" if np.isfinite(lo) and np.isfinite(hi)
-            else "[unbounded]")
-        target = _ci(paired_ci(list(acc - e), list(0.8 * (a - e))))
+        kept, target = _kept_of_amp_gain(acc, e, a)
       t_ratio = [r["runs"][k]["train_seconds"] / erm["runs"][k]["train_seconds"]
                  for k in common]
       step = times.get((c["model"], r["label"]))
@@ -379,13 +385,7 @@ def cheap2_lines(result: dict[str, Any]) -> list[str]:
                          entry.get("grid", []))
         if entry.get("from_variant"):
           grid += f" ({entry['from_variant']}'s grid and choice)"
-        lo, hi = ratio_ci(acc - e, a - e)
-        amp_gain = float(np.mean(a - e))
-        ratio = float(np.mean(acc - e)) / amp_gain if amp_gain else float("nan")
-        kept = f"{100 * ratio:.0f}% " + (
-            f"[{100 * lo:.0f}%, {100 * hi:.0f}%]" if np.isfinite(lo) and np.isfinite(hi)
-            else "[unbounded]")
-        target = _ci(paired_ci(list(acc - e), list(0.8 * (a - e))))
+        kept, target = _kept_of_amp_gain(acc, e, a)
       steps = [t.get((c["model"], r["label"])) for t in (first, times)]
       step = "; ".join("—" if x is None else f"{x:.2f}" for x in steps)
       lines.append(
