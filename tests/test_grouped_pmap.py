@@ -12,6 +12,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
@@ -140,5 +141,6 @@ def test_shard_map_with_a_loss_synchronised_over_the_axis_raises():
     updates, _ = tx.update(grads, tx.init(params), params, grad_fn=amp_grad_fn)
     return updates
 
+  batch = jax.device_put(data(), NamedSharding(mesh, P("batch")))
   with pytest.raises(ValueError, match=r"reduce over batch_axis_name 'batch'"):
-    jax.jit(step)(params, data())
+    jax.jit(step)(params, batch)
