@@ -215,6 +215,12 @@ def _ci(d: dict[str, Any], scale: float = 100.0) -> str:
   return f"{scale * d['mean']:+.2f} [{scale * d['lo']:+.2f}, {scale * d['hi']:+.2f}]"
 
 
+def _paired_test_accuracies(row: dict[str, Any], erm: dict[str, Any], amp: dict[str, Any]):
+  """The seeds all three rows ran, and each row's test accuracies on them, in seed order."""
+  common = sorted(set(row["runs"]) & set(erm["runs"]) & set(amp["runs"]), key=int)
+  return (common, *(np.asarray([x["runs"][k]["test_acc"] for k in common])
+                    for x in (row, erm, amp)))
+
 
 def _kept_of_amp_gain(acc: np.ndarray, erm: np.ndarray, amp: np.ndarray) -> tuple[str, str]:
   """Per-seed test accuracies -> ("kept %" of full AMP's gain with its Fieller interval, the
@@ -258,12 +264,9 @@ def cheap_lines(result: dict[str, Any]) -> list[str]:
     if erm is None or amp is None or not variants:
       continue
     for r in [amp] + sorted(variants, key=_row_order):
-      common = sorted(set(r["runs"]) & set(erm["runs"]) & set(amp["runs"]), key=int)
+      common, acc, e, a = _paired_test_accuracies(r, erm, amp)
       if not common:
         continue
-      acc = np.asarray([r["runs"][k]["test_acc"] for k in common])
-      e = np.asarray([erm["runs"][k]["test_acc"] for k in common])
-      a = np.asarray([amp["runs"][k]["test_acc"] for k in common])
       gain = paired_ci(list(acc), list(e))
       if r is amp:
         vs_amp = kept = target = "—"
@@ -367,12 +370,9 @@ def cheap2_lines(result: dict[str, Any]) -> list[str]:
               "0.8·AMP gain | step time / ERM (all; subset) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [amp] + [rs[0] for rs in by_key.values()]:
-      common = sorted(set(r["runs"]) & set(erm["runs"]) & set(amp["runs"]), key=int)
+      common, acc, e, a = _paired_test_accuracies(r, erm, amp)
       if not common:
         continue
-      acc = np.asarray([r["runs"][k]["test_acc"] for k in common])
-      e = np.asarray([erm["runs"][k]["test_acc"] for k in common])
-      a = np.asarray([amp["runs"][k]["test_acc"] for k in common])
       loss = np.mean([r["runs"][k]["train_loss"] for k in common])
       key = cheap2_key(Setting(**r["setting"]))
       if r is amp:
