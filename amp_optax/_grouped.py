@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from amp_optax import _amp
@@ -222,17 +223,42 @@ def num_groups_of(grouped_batch: Any, where: str) -> int:
   return int(sizes.pop())  # type: ignore[arg-type]
 
 
-def _unrolled_loop() -> bool:
-  """Whether per-group passes run as an unrolled loop (CPU) rather than one ``jax.vmap``.
+def _loop_over_groups(fn: Callable[..., Any], one_group: list[Any]) -> bool:
+  """Whether per-group passes run as an unrolled loop rather than one ``jax.vmap``.
 
-  Under ``vmap`` the groups' passes with per-group parameters become grouped convolutions (and
-  batched weight gradients), which XLA:CPU runs slowly: TinyCNN at batch 128 took 1.7-1.8x the
-  ungrouped AMP step with G = 4 or 16, against 0.8x for an unrolled loop of ordinary passes on
-  m examples each, and 2.7-5.3x for ``lax.map`` (a loop body, jax#12868;
-  ``benchmarks/step_time.py``). On GPU and TPU one vmapped pass keeps compile time flat in G.
-  Decided at trace time from the backend, as ``unroll`` is.
+  On CPU, when one group's pass holds a convolution: under ``vmap`` the groups' convolutions
+  with per-group kernels become grouped convolutions, which XLA:CPU runs slowly (TinyCNN at
+  batch 128: 1.2-1.3x the ungrouped AMP step with G = 4 or 16, against 0.45-0.55x for the
+  loop; ``lax.map``, a loop body, was 2.7-5.3x, jax#12868). Without one, ``vmap`` is as fast or
+  faster (an MLP 768-256-256-10 with BatchNorm: 0.91x / 0.93x the loop's time at G = 4 / 16).
+  On GPU and TPU one vmapped pass keeps compile time flat in G. Decided at trace time, from the
+  backend and a jaxpr of the first group's pass (``one_group``: its arguments), as ``unroll``
+  is; ``python -m benchmarks.grouped_passes`` times the three.
   """
-  return jax.default_backend() == "cpu"
+  return jax.default_backend() == "cpu" and _has_convolution(fn, one_group)
+
+
+def _has_convolution(fn: Callable[..., Any], args: list[Any]) -> bool:
+  leaves, treedef = jax.tree.flatten(args)
+  arrays = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+
+  def on_arrays(*values: Any) -> Any:  # other leaves (Python objects) stay as they are
+    new = list(leaves)
+    for i, v in zip(arrays, values):
+      new[i] = v
+    return fn(*jax.tree.unflatten(treedef, new))
+
+  jaxpr = jax.make_jaxpr(on_arrays)(*(leaves[i] for i in arrays)).jaxpr
+  return "conv_general_dilated" in _primitives(jaxpr)
+
+
+def _primitives(jaxpr: Any) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in _sub_jaxprs(eqn):
+      names |= _primitives(sub)
+  return names
 
 
 def _take_group(arg: Any, axes: Any, j: int) -> Any:
@@ -249,16 +275,17 @@ def _take_group(arg: Any, axes: Any, j: int) -> Any:
 
 
 def map_over_groups(fn: Callable[..., Any], in_axes: tuple[Any, ...], *args: Any) -> Any:
-  """``jax.vmap(fn, in_axes)(*args)`` over the leading group axis, or the same as a loop on CPU.
+  """``jax.vmap(fn, in_axes)(*args)`` over the leading group axis, or the same as a loop.
 
   Every framework's per-group passes (clean and perturbed) go through this, so that the
   choice between one vmapped pass and ``G`` ordinary ones is made in one place.
   """
   grouped = [x for a, ax in zip(args, in_axes) if ax is not None
              for x, x_ax in _leaves_with_axes(a, ax) if x_ax == 0]
-  if not _unrolled_loop() or any(map(_sharded_on_leading_axis, grouped)):
-    # A group axis sharded over devices (jax.jit with explicit shardings) stays one vmapped
-    # pass: each device computes its own groups, and a loop would slice across devices.
+  # A group axis sharded over devices (jax.jit with explicit shardings) stays one vmapped
+  # pass: each device computes its own groups, and a loop would slice across devices.
+  if any(map(_sharded_on_leading_axis, grouped)) or not _loop_over_groups(
+      fn, [_take_group(a, ax, 0) for a, ax in zip(args, in_axes)]):
     return jax.vmap(fn, in_axes=in_axes)(*args)
   sizes = {jnp.shape(x)[0] for x in grouped}
   if len(sizes) != 1:

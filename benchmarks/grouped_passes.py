@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "default_loops": {g: _loops(loss, params, x, y, g) for g in args.groups},
         "rows": [{"name": label, "ms_median": ms[label], "x_erm": ms[label] / ms["ERM"],
                   "x_amp": ms[label] / ms["AMP"]} for label, _, _ in rows]}
+  # One flat table as well, for the docs' benchmarks page.
+  out["rows"] = [{"model": name, **r} for name, m in out["models"].items() for r in m["rows"]]
   return out
 
 

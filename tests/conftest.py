@@ -34,6 +34,6 @@ def group_passes(request, monkeypatch):
 
   from amp_optax import _grouped  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(_grouped, "_unrolled_loop", lambda: request.param == "loop")
+  monkeypatch.setattr(_grouped, "_loop_over_groups", lambda *_: request.param == "loop")
   jax.clear_caches()  # a step traced in the other mode must not be reused
   return request.param

@@ -217,3 +217,20 @@ def test_one_group_per_device_costs_per_device_what_ungrouped_amp_does():
   erm, amp, grouped = (s["temp_size_in_bytes"] for s in stats.values())
   assert list(stats)[2].startswith("AMP K=1 global, 4 groups on 4 devices")
   assert erm < grouped <= 1.01 * amp
+
+
+@pytest.mark.research
+def test_grouped_passes_smoke(tmp_path):
+  out_path = tmp_path / "grouped_passes.json"
+  stdout = _run_module("benchmarks.grouped_passes", "--smoke", "--out", str(out_path))
+  assert "x AMP" in stdout
+  out = json.loads(out_path.read_text())
+  # The library's choice on CPU, read from each step's jaxpr: the CNN loops, the MLP does not.
+  assert out["backend"] == "cpu"
+  assert out["models"]["cnn"]["default_loops"] == {"4": True}
+  assert out["models"]["bn_mlp"]["default_loops"] == {"4": False}
+  for m in out["models"].values():
+    assert [r["name"] for r in m["rows"]] == [
+        "ERM", "AMP", "G=4 default", "G=4 loop", "G=4 vmap"]
+    assert all(_finite_positive(r["ms_median"]) and _finite_positive(r["x_amp"])
+               for r in m["rows"])

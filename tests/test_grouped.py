@@ -400,3 +400,47 @@ def test_global_num_groups_with_each_device_grouping_into_all_of_them_raises():
   with pytest.raises(ValueError, match=r"counts the groups over all 4 devices.*group_batch\("
                                        r"local_batch, 2\)"):
     jax.jit(body)(params, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+
+
+def _conv_loss(p, b):
+  y = jax.lax.conv_general_dilated(b["x"], p["k"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.mean((y.mean((1, 2)) - b["y"]) ** 2)
+
+
+def _grouped_jaxpr_ops(loss, params, batch, groups=4):
+  def step(params, grouped):
+    _, grads, grad_fn = amp_optax.grouped_value_and_grad(loss)(params, grouped)
+    return grads, grad_fn(jax.tree.map(lambda g: jnp.stack([g] * groups), params), 0)
+
+  jaxpr = jax.make_jaxpr(step)(params, amp_optax.group_batch(batch, groups)).jaxpr
+  convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  return convs, dots
+
+
+def test_per_group_passes_loop_over_convolutions_and_vmap_the_rest_on_cpu():
+  # On CPU a convolution with per-group kernels under vmap is a grouped convolution, which
+  # XLA:CPU runs slowly: with one, the passes are a loop of G ordinary convolutions; without,
+  # one vmapped pass (batched matrix products), since a loop of G small passes is slower there.
+  assert jax.default_backend() == "cpu"
+  conv_params = {"k": jnp.ones((3, 3, 2, 4)) * 0.1}
+  conv_batch = {"x": jnp.ones((8, 6, 6, 2)), "y": jnp.zeros((8, 4))}
+  convs, _ = _grouped_jaxpr_ops(_conv_loss, conv_params, conv_batch)
+  assert all(e.params["feature_group_count"] == 1 and e.params["batch_group_count"] == 1
+             for e in convs), [e.params for e in convs]
+  assert len(convs) == 4 * 2 * 2  # G groups x (clean, perturbed pass) x (forward, kernel grad)
+  params, batch = make_problem()
+  _, dots4 = _grouped_jaxpr_ops(loss_fn, params, batch, groups=4)
+  _, dots2 = _grouped_jaxpr_ops(loss_fn, params, batch, groups=2)
+  assert dots4 and len(dots4) == len(dots2)  # one vmapped pass whatever G
+
+
+def test_per_group_passes_are_one_vmap_off_cpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  jax.clear_caches()
+  convs, _ = _grouped_jaxpr_ops(_conv_loss, {"k": jnp.ones((3, 3, 2, 4)) * 0.1},
+                                {"x": jnp.ones((8, 6, 6, 2)), "y": jnp.zeros((8, 4))})
+  # One vmapped pass: the perturbed pass's per-group kernels make grouped convolutions.
+  assert len(convs) < 4 * 2 * 2
+  assert any(4 in (e.params["feature_group_count"], e.params["batch_group_count"]) for e in convs)

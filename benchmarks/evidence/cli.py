@@ -49,7 +49,11 @@ def _load(path: str, name: str, p: presets.Preset) -> dict[str, Any]:
   if os.path.exists(path):
     with open(path) as f:
       result = json.load(f)
-    if {**result["preset"], "final_seeds": None} != {**want, "final_seeds": None}:
+    # Fields added to Preset after a file was written take their defaults (the old behaviour).
+    defaults = {f.name: f.default for f in dataclasses.fields(presets.Preset)
+                if f.default is not dataclasses.MISSING}
+    saved = defaults | result["preset"]
+    if {**saved, "final_seeds": None} != {**want, "final_seeds": None}:
       raise SystemExit(f"{path} holds another configuration of {name}; move it away first")
     result["preset"] = want
     return result

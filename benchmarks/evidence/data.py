@@ -20,8 +20,12 @@ MEAN = np.asarray((0.4914, 0.4822, 0.4465), np.float32)
 STD = np.asarray((0.2470, 0.2435, 0.2616), np.float32)
 
 
-def _flat(images: np.ndarray) -> np.ndarray:
-  return ((images.astype(np.float32) / 255.0 - MEAN) / STD).reshape(len(images), -1)
+def _flat(images: np.ndarray, downsample: int = 1) -> np.ndarray:
+  x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+  if downsample > 1:  # average pooling, downsample x downsample pixels per output pixel
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // downsample, downsample, w // downsample, downsample, c).mean((2, 4))
+  return x.reshape(len(images), -1)
 
 
 def load(p: Preset, workdir: str) -> dict[str, np.ndarray]:
@@ -39,9 +43,9 @@ def load(p: Preset, workdir: str) -> dict[str, np.ndarray]:
     d = cifar_data.load_cifar(data_dir)
   if len(d.train_images) < pool or len(d.test_images) < p.test_size:
     raise ValueError(f"need {pool} training-pool and {p.test_size} test images")
-  return {"train_x": _flat(d.train_images[:p.train_size]),
+  return {"train_x": _flat(d.train_images[:p.train_size], p.downsample),
           "train_y": d.train_labels[:p.train_size].astype(np.int32),
-          "val_x": _flat(d.train_images[p.train_size:pool]),
+          "val_x": _flat(d.train_images[p.train_size:pool], p.downsample),
           "val_y": d.train_labels[p.train_size:pool].astype(np.int32),
-          "test_x": _flat(d.test_images[:p.test_size]),
+          "test_x": _flat(d.test_images[:p.test_size], p.downsample),
           "test_y": d.test_labels[:p.test_size].astype(np.int32)}

@@ -98,6 +98,44 @@ def fixed_eps_table(p: presets.Preset, result: dict[str, Any]) -> list[str]:
   return lines + ["", f"Seeds {seeds}."]
 
 
+def bn_policy_table(p: presets.Preset, result: dict[str, Any]) -> list[str]:
+  """Each final row's test accuracy under each running-statistics policy (one run, evaluated
+  three ways, so the pairing is exact), and each policy against the helpers' one."""
+  if not p.batchnorm:
+    return []
+  choice = {k: presets.Row(**v["row"]) for k, v in result["choice"].items()}
+  rows = presets.final_rows(p, choice)
+  runs = result["runs"]
+  seeds = _final_seeds(runs, rows, p.final_seeds)
+  if not seeds:
+    return []
+  base, others = train_policies()[0], train_policies()[1:]
+
+  def acc(row: presets.Row, policy: str) -> list[float]:
+    return [runs[presets.run_key("final", row, s)]["bn_policies"][policy]["test_acc"]
+            for s in seeds]
+
+  lines = ["", "## BatchNorm running statistics: the policy (same runs, evaluated three ways)",
+           "", f"`{base}` (the helpers' policy, and the accuracies above): the mean over groups "
+           "of each group's mean and biased variance; `unbiased`: that variance times m / (m - 1);"
+           " `whole_batch`: plus the variance of the group means (the whole batch's variance). "
+           f"Seeds {seeds}; test accuracy, and each policy minus `{base}` in points.", "",
+           "| row | m | " + " | ".join(f"`{q}` %" for q in (base, *others)) + " | "
+           + " | ".join(f"`{q}` − `{base}`" for q in others) + " |",
+           "|---|---|" + "---|" * (1 + 2 * len(others))]
+  for row in rows:
+    cells = [f"{100 * np.mean(acc(row, q)):.2f}" for q in (base, *others)]
+    cells += [_pts(paired_ci(acc(row, q), acc(row, base))) for q in others]
+    m = p.batch_size // row.groups
+    lines.append(f"| {row.label} | {m} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def train_policies() -> tuple[str, ...]:
+  from benchmarks.evidence.train import POLICIES  # train imports jax-heavy code; report need not
+  return POLICIES
+
+
 def markdown(name: str, p: presets.Preset, result: dict[str, Any]) -> str:
   runs = result["runs"]
   hidden = "-".join(str(h) for h in p.hidden)
@@ -106,7 +144,11 @@ def markdown(name: str, p: presets.Preset, result: dict[str, Any]) -> str:
          + ("Synthetic images (smoke). " if p.synthetic else "CIFAR-10 (JPEG copy). ")
          + f"{p.train_size} training images, no augmentation; validation: the next {p.val_size} "
          f"images of the training pool (the only thing choices are made on); test: "
-         f"{p.test_size} images. MLP 3072-{hidden}-10 (ReLU), batch {p.batch_size}, "
+         f"{p.test_size} images. "
+         + (f"Images average-pooled {p.downsample}x{p.downsample}. " if p.downsample > 1 else "")
+         + f"MLP {p.input_dim}-{hidden}-10 (ReLU"
+         + (f", BatchNorm before each ReLU, running-statistics momentum {p.bn_momentum}"
+            if p.batchnorm else "") + f"), batch {p.batch_size}, "
          f"{p.epochs} epochs, SGD Nesterov 0.9, lr {p.lr} cosine, decoupled weight decay "
          f"{p.weight_decay} after the ascent. AMP: `amp(eps, norm=\"global\")` (K = 1, inner_lr "
          "1); grouped: `grouped_amp(eps, num_groups=G, norm=\"global\")` with "
@@ -132,7 +174,8 @@ def markdown(name: str, p: presets.Preset, result: dict[str, Any]) -> str:
       grid = ", ".join(f"{k}: {100 * v:.2f}" for k, v in c["val"].items())
       out.append(f"| {fam} (m = {p.batch_size // c['row']['groups']}) | {grid} | {c['label']} |")
     lines, _ = final_table(p, result)
-    out += ["", "## Final (paired seeds)", "", *lines, *fixed_eps_table(p, result)]
+    out += ["", "## Final (paired seeds)", "", *lines, *fixed_eps_table(p, result),
+            *bn_policy_table(p, result)]
   else:
     out += ["The sweep has not finished."]
   return "\n".join(out) + "\n"
