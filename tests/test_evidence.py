@@ -113,3 +113,17 @@ def test_batchnorm_run_evaluates_every_policy(tmp_path):
   # At one group the whole batch is the group: "whole_batch" is "groups_mean" exactly.
   erm = t.run(presets.Row("erm"), 0)
   assert erm["bn_policies"]["whole_batch"] == erm["bn_policies"]["groups_mean"]
+
+
+def test_batchnorm_preset_reports_policies_and_ghost_batchnorm(tmp_path):
+  argv = ["--preset", "smoke-bn", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)]
+  cli.main(argv)
+  md = (tmp_path / "evidence_smoke-bn.md").read_text()
+  assert "BatchNorm running statistics" in md and "`whole_batch` − `groups_mean`" in md
+  assert "ghost BatchNorm alone" not in md  # no epsilon-0 grouped rows yet
+  cli.main([*argv, "--extra-rows", "amp:0:4"])
+  md = (tmp_path / "evidence_smoke-bn.md").read_text()
+  assert "## The ascent against ghost BatchNorm alone" in md
+  chosen = presets.choose(presets.PRESETS["smoke-bn"], json.loads(
+      (tmp_path / "evidence_smoke-bn.json").read_text())["runs"])["amp G=4"]["row"]
+  assert f"| {chosen.label} | 4 |" in md
