@@ -80,7 +80,8 @@ def make_step(row: Row, p: Preset, total_steps: int, grouped: bool | None = None
   row compiles once per process, for every seed and every :class:`Trainer`."""
   grouped = row.groups > 1 if grouped is None else grouped
   if row.method == "erm" and row.groups > 1:
-    raise ValueError("ERM has no groups (no BatchNorm here: grouping changes nothing)")
+    raise ValueError("ERM has no groups: for ERM with each group's own BatchNorm statistics "
+                     "(ghost BatchNorm) use Row('amp', 0.0, G)")
   tx = make_tx(row, p, total_steps, grouped)
 
   def step(params, opt_state, running, x_all, y_all, idx):
