@@ -76,9 +76,15 @@ def test_end_to_end_resumable(name, tmp_path):
   assert third["new_runs"] == n_final // len(P.final_seeds)
   assert third["choice"] == second["choice"]
   # Extra rows (one epsilon at every m) run on the final seeds and get their own table.
+  # A row that is also a final row is not run twice (same row, same seed).
   fourth = cli.main([*argv, "--final-seeds", str(len(P.final_seeds) + 1),
                      "--extra-rows", "amp:0.05:1,amp:0.05:4"])
-  assert fourth["new_runs"] == 2 * (len(P.final_seeds) + 1)
+  extra = [presets.Row("amp", 0.05, 1), presets.Row("amp", 0.05, 4)]
+  seeds = range(len(P.final_seeds) + 1)
+  already = sum(presets.run_key("final", r, s) in third["runs"] for r in extra for s in seeds)
+  assert fourth["new_runs"] == 2 * len(seeds) - already
+  assert not any(presets.run_key("extra", r, s) in fourth["runs"] for r in extra for s in seeds
+                 if presets.run_key("final", r, s) in fourth["runs"])
   md = (tmp_path / f"evidence_{name}.md").read_text()
   assert "| AMP eps=0.05 G=4 | 4 |" in md
 

@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:  # seed-major: each seed's paired rows finish together
       for row in rows:
         key = presets.run_key(phase, row, seed)
-        if key in result["runs"]:
+        # An extra row that is also a final row has run already (same row, same seed).
+        if key in result["runs"] or (phase == "extra"
+                                     and presets.run_key("final", row, seed) in result["runs"]):
           continue
         if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
           done["stopped"] = True

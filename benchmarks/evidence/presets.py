@@ -65,10 +65,11 @@ PRESETS: dict[str, Preset] = {
     # 0.05 one seed stopped at 95 %, at 0.1 training diverged. At 30 epochs and lr 0.05, AMP at
     # eps 0.1 and SAM at rho 0.05 left 17 % and 26 % of the training set misclassified, so the
     # grids sat below; the first grid's choices fell on its edges (0.003 at m = 128 and 32, 0.03
-    # at m = 8, SAM 0.005), so it was widened by one step each way (0.001, 0.1; SAM 0.002).
+    # at m = 8, SAM 0.005), so it was widened by one step each way (0.001, 0.1; SAM 0.002), and
+    # to 0.3 when m = 8 chose 0.1.
     "mlp5k": Preset(train_size=5000, val_size=2000, test_size=10000, hidden=(256, 256),
                     epochs=20, batch_size=128, groups=(1, 4, 16),
-                    amp_grid=(0.001, 0.003, 0.01, 0.03, 0.1),
+                    amp_grid=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
                     sam_grid=(0.002, 0.005, 0.01, 0.02),
                     sweep_seeds=(100, 101), final_seeds=tuple(range(8)), lr=0.02),
     # The second regime: 10,000 training images (16x16 colour, average-pooled), an MLP with
