@@ -31,6 +31,13 @@ def _run_module(module: str, *args: str, timeout: int = 300) -> str:
   return proc.stdout
 
 
+def _smoke(tmp_path, module: str, name: str) -> tuple[str, dict]:
+  """``module --smoke`` writing ``name``: its stdout and the JSON it wrote."""
+  out_path = tmp_path / name
+  stdout = _run_module(module, "--smoke", "--out", str(out_path))
+  return stdout, json.loads(out_path.read_text())
+
+
 def _finite_positive(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -112,10 +119,8 @@ def _check_reproduce_json(out, labels, seeds):
 
 @pytest.mark.research
 def test_reproduce_smoke(tmp_path):
-  out_path = tmp_path / "reproduce.json"
-  stdout = _run_module("benchmarks.reproduce", "--smoke", "--out", str(out_path))
+  stdout, out = _smoke(tmp_path, "benchmarks.reproduce", "reproduce.json")
   assert "| setting |" in stdout
-  out = json.loads(out_path.read_text())
   assert out["data"] == "synthetic CIFAR-shaped data"
   _check_reproduce_json(out, ["ERM", "AMP eps=0.5 per_tensor K=1", "SAM rho=0.05"], seeds=2)
   md = (tmp_path / "reproduce.md").read_text()
@@ -221,10 +226,8 @@ def test_one_group_per_device_costs_per_device_what_ungrouped_amp_does():
 
 @pytest.mark.research
 def test_grouped_passes_smoke(tmp_path):
-  out_path = tmp_path / "grouped_passes.json"
-  stdout = _run_module("benchmarks.grouped_passes", "--smoke", "--out", str(out_path))
+  stdout, out = _smoke(tmp_path, "benchmarks.grouped_passes", "grouped_passes.json")
   assert "x AMP" in stdout
-  out = json.loads(out_path.read_text())
   # The library's choice on CPU, read from each step's jaxpr: the CNN loops, the MLP does not.
   assert out["backend"] == "cpu"
   assert out["models"]["cnn"]["default_loops"] == {"4": True}
