@@ -227,10 +227,11 @@ def _loop_over_groups(fn: Callable[..., Any], one_group: list[Any]) -> bool:
   """Whether per-group passes run as an unrolled loop rather than one ``jax.vmap``.
 
   On CPU, when one group's pass holds a convolution: under ``vmap`` the groups' convolutions
-  with per-group kernels become grouped convolutions, which XLA:CPU runs slowly (TinyCNN at
-  batch 128: 1.2-1.3x the ungrouped AMP step with G = 4 or 16, against 0.45-0.55x for the
-  loop; ``lax.map``, a loop body, was 2.7-5.3x, jax#12868). Without one, ``vmap`` is as fast or
-  faster (an MLP 768-256-256-10 with BatchNorm: 0.91x / 0.93x the loop's time at G = 4 / 16).
+  with per-group kernels become grouped convolutions, which XLA:CPU runs slowly (a two-layer
+  CNN at batch 128: 1.2-1.3x the ungrouped AMP step with G = 4 or 16, against 0.45-0.55x for
+  the loop; on TinyCNN ``lax.map``, a loop body, was 2.7-5.3x, jax#12868). Without one,
+  ``vmap`` is as fast or faster (an MLP 768-256-256-10 with BatchNorm: 0.91x / 0.93x the loop's
+  time at G = 4 / 16).
   On GPU and TPU one vmapped pass keeps compile time flat in G. Decided at trace time, from the
   backend and a jaxpr of the first group's pass (``one_group``: its arguments), as ``unroll``
   is; ``python -m benchmarks.grouped_passes`` times the three.
